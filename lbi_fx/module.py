@@ -1,0 +1,291 @@
+"""``LBIModule``: the rewritten model, an ordinary ``nn.Module``.
+
+It owns the captured model's submodules (same names, so ``state_dict`` keys match the
+original model) plus ``lbi``, the interface modules. Its forward is
+prologue -> interface chain -> epilogue. With ``backward = "scan"`` the chain is one
+``LBIChain`` autograd node whose backward is the generated three-phase program; with
+``backward = "autograd"`` the same programs run under plain reverse mode - the
+reference for parity tests and benchmark ratios.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from lbi_fx.errors import InputError
+from lbi_fx.passes.build_backward import build_backward_graph
+from lbi_fx.passes.split_places import Programs
+from lbi_fx.report import SeparatorReport
+from lbi_fx.runtime import ChainState, LBIChain, RegionCache
+
+BACKWARD_MODES = ("scan", "autograd")
+
+
+class _Call:
+    """Per-forward values that are not tensors with gradients (sizes, int tensors)."""
+
+    def __init__(self, env: dict):
+        self.env = env
+        self.out_env: dict = {}
+
+
+class LBIModule(nn.Module):
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        programs: Programs,
+        regions: list[list[str]],
+        ranks: list[int],
+        *,
+        pytree_info=None,
+        jacobian: str = "auto",
+        scan_backend: str = "auto",
+        check_finite: bool = False,
+        capture: str = "",
+    ):
+        super().__init__()
+        for name, child in gm.named_children():
+            self.add_module(name, child)
+        for name, p in gm.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in gm.named_buffers(recurse=False):
+            self.register_buffer(name, b)
+        for node in gm.graph.nodes:
+            if node.op == "get_attr" and "." not in node.target and not hasattr(self, node.target):
+                setattr(self, node.target, getattr(gm, node.target))
+        self._flat_graph = gm.graph
+        self._programs_spec = programs
+        self.regions = [list(r) for r in regions]
+        self.ranks = list(ranks)
+        self.jacobian = jacobian
+        self.scan_backend = scan_backend
+        self.check_finite = check_finite
+        self.capture = capture
+        self._pytree_info = pytree_info
+        self._backward = "scan"
+        self._compiled = None
+
+    # -- configuration -------------------------------------------------------------
+    @property
+    def num_regions(self) -> int:
+        return len(self.regions)
+
+    @property
+    def backward(self) -> str:
+        return self._backward
+
+    @backward.setter
+    def backward(self, mode: str) -> None:
+        if mode not in BACKWARD_MODES:
+            raise InputError(f"backward={mode!r}: choose one of {', '.join(BACKWARD_MODES)}")
+        self._backward = mode
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.double() may replace tensors: rebuild programs that hold references.
+        self._compiled = None
+        return super()._apply(fn, recurse)
+
+    # -- programs ------------------------------------------------------------------
+    def _build(self) -> dict:
+        if self._compiled is not None:
+            return self._compiled
+        spec = self._programs_spec
+        gm = lambda prog, name: fx.GraphModule(self, prog.graph, name)  # noqa: E731
+        regions = [gm(p, f"Region{k}") for k, p in enumerate(spec.regions)]
+        static_names: list[str] = []
+        pro_out = set(spec.prologue.outputs)
+        for prog in spec.regions:
+            for name in prog.inputs:
+                if name in pro_out and name != spec.m_nodes[0] and name not in static_names:
+                    static_names.append(name)
+        params: list[nn.Parameter] = []
+        index: dict[int, int] = {}
+        region_params: list[list[int]] = []
+        for rgm in regions:
+            slots = []
+            for p in dict.fromkeys(rgm.parameters()):
+                if p.requires_grad:
+                    if id(p) not in index:
+                        index[id(p)] = len(params)
+                        params.append(p)
+                    slots.append(index[id(p)])
+            region_params.append(slots)
+        compiled = {
+            "prologue": gm(spec.prologue, "Prologue"),
+            "regions": regions,
+            "epilogue": gm(spec.epilogue, "Epilogue"),
+            "static_names": static_names,
+            "params": params,
+            "region_params": region_params,
+        }
+        self._compiled = compiled
+        return compiled
+
+    @property
+    def n_static(self) -> int:
+        return len(self._build()["static_names"])
+
+    @property
+    def rewritten_graph(self) -> fx.GraphModule:
+        """The whole rewritten forward as one graph (nodes carry ``meta['lbi_place']``)."""
+        return fx.GraphModule(self, self._flat_graph, "LBIForward")
+
+    @property
+    def programs(self) -> dict:
+        c = self._build()
+        return {"prologue": c["prologue"], "regions": list(c["regions"]), "epilogue": c["epilogue"]}
+
+    @property
+    def backward_graph(self) -> fx.GraphModule:
+        """The generated backward (Algorithm 1), as a printable ``fx.GraphModule``."""
+        c = self._build()
+        if "backward" not in c:
+            from lbi_fx.kernels import suffix_scan
+
+            region_static = [self._static_slots(k)[0] for k in range(self.num_regions)]
+            graph = build_backward_graph(
+                self.num_regions, len(self._last_tensor_outputs()), region_static,
+                c["region_params"], len(c["static_names"]), len(c["params"]),
+                scan=_scan_target(suffix_scan), scan_backend=self.scan_backend)
+            c["backward"] = fx.GraphModule(torch.nn.Module(), graph, "LBIBackward")
+        return c["backward"]
+
+    def _static_slots(self, k: int) -> tuple[list[int], list[str]]:
+        c = self._build()
+        names = [n for n in self._programs_spec.regions[k].inputs if n in c["static_names"]]
+        return [c["static_names"].index(n) for n in names], names
+
+    def _last_tensor_outputs(self) -> list[str]:
+        last = self._programs_spec.regions[-1]
+        return list(last.outputs)
+
+    # -- forward -------------------------------------------------------------------
+    def _flatten(self, args, kwargs) -> list:
+        if self._pytree_info is not None:
+            return pytree.arg_tree_leaves(*args, **kwargs)
+        if kwargs:
+            names = self._programs_spec.prologue.inputs
+            bound = list(args) + [kwargs[n] for n in names[len(args):] if n in kwargs]
+            return bound
+        return list(args)
+
+    def forward(self, *args, **kwargs):
+        c = self._build()
+        spec = self._programs_spec
+        flat = self._flatten(args, kwargs)
+        pro = c["prologue"](*flat)
+        env = dict(zip(spec.prologue.outputs, pro))
+        use_scan = self._backward == "scan" and torch.is_grad_enabled() and _any_grad(
+            [env[spec.m_nodes[0]], *[env[n] for n in c["static_names"]], *c["params"]])
+        if use_scan:
+            call = _Call({k: v for k, v in env.items() if k not in c["static_names"]})
+            statics = [env[n] for n in c["static_names"]]
+            outs = LBIChain.apply(self, call, env[spec.m_nodes[0]], *statics, *c["params"])
+            env.update(call.out_env)
+            env.update(zip(self._last_tensor_outputs(), outs))
+        else:
+            self._run_plain(env)
+        out = c["epilogue"](*[env[n] for n in spec.epilogue.inputs])
+        if self._pytree_info is not None and self._pytree_info.out_spec is not None:
+            return pytree.tree_unflatten(list(out), self._pytree_info.out_spec)
+        return out
+
+    def _run_plain(self, env: dict) -> None:
+        c = self._build()
+        for prog, rgm in zip(self._programs_spec.regions, c["regions"]):
+            outs = rgm(*[env[n] for n in prog.inputs])
+            env.update(zip(prog.outputs, outs))
+
+    # called by LBIChain.forward
+    @property
+    def n_static_inputs(self) -> int:
+        return self.n_static
+
+    def run_chain(self, call: _Call, m0, static, params, keep: bool):
+        c = self._build()
+        spec = self._programs_spec
+        env = dict(call.env)
+        leaves = [_leaf(s) for s in static]
+        env.update(zip(c["static_names"], leaves))
+        caches = []
+        m = _leaf(m0, force=True)
+        outs: list[torch.Tensor] = []
+        for k, (prog, rgm) in enumerate(zip(spec.regions, c["regions"])):
+            env[spec.m_nodes[k]] = m
+            res = rgm(*[env[n] for n in prog.inputs])
+            env.update(zip(prog.outputs, res))
+            slots, names = self._static_slots(k)
+            cache = RegionCache(
+                m_in=m,
+                outs=[],
+                static=[(s, env[n]) for s, n in zip(slots, names)],
+                params=[(i, c["params"][i]) for i in c["region_params"][k]],
+            )
+            if k < self.num_regions - 1:
+                nxt = env[spec.m_nodes[k + 1]]
+                cache.outs = [nxt]
+                m = _leaf(nxt.detach(), force=True)
+            else:
+                outs = [env[n] for n in prog.outputs if isinstance(env[n], torch.Tensor)]
+                cache.outs = outs
+            caches.append(cache)
+        call.out_env = {n: env[n] for n in spec.regions[-1].outputs
+                        if not isinstance(env[n], torch.Tensor)}
+        for p in spec.regions[:-1]:
+            for n in p.outputs:
+                if not isinstance(env.get(n), torch.Tensor):
+                    call.out_env[n] = env[n]
+        state = ChainState(
+            caches=caches,
+            ranks=[self.ranks[0], *self.ranks],
+            n_static=len(static),
+            n_params=len(params),
+            jacobian=self.jacobian,
+            scan_backend=self.scan_backend,
+            check_finite=self.check_finite,
+        )
+        state.backward_program = self.backward_graph
+        return state, outs
+
+    @property
+    def n_static_(self):  # pragma: no cover - compatibility alias
+        return self.n_static
+
+    # -- checks ----------------------------------------------------------------------
+    def lbi_verify(self, *, example_inputs: Sequence[object], rank=None, interfaces=None
+                   ) -> SeparatorReport:
+        """Separator check of the rewritten graph: every boundary must hold at m_k."""
+        from lbi_fx.analysis import separator_report
+        from lbi_fx.passes.mark_dynamic import mark_dynamic
+        from lbi_fx.passes.shape_prop import BATCH_KEY, propagate_shapes
+
+        gm = self.rewritten_graph
+        propagate_shapes(gm, example_inputs)
+        mark_dynamic(gm)
+        return separator_report(gm, self.regions, gm.meta[BATCH_KEY],
+                                rank=self.ranks if rank is None and interfaces is None else rank,
+                                interfaces=interfaces)
+
+
+def _leaf(t, force: bool = False):
+    if not isinstance(t, torch.Tensor):
+        return t
+    if force:
+        return t.detach().requires_grad_(True)
+    if t.requires_grad:
+        return t.detach().requires_grad_(True)
+    return t
+
+
+def _any_grad(xs) -> bool:
+    return any(isinstance(x, torch.Tensor) and x.requires_grad for x in xs)
+
+
+def _scan_target(fallback):
+    op = getattr(getattr(torch.ops, "lbi_fx", None), "suffix_scan", None)
+    return op if op is not None else fallback

@@ -1,0 +1,126 @@
+"""Region specs: the user-facing ways to name K regions by module path.
+
+Forms accepted everywhere a spec is taken:
+
+* a list of lists of module paths: ``[["layers.0", "layers.1"], ["layers.2"]]``;
+* ``every(n, "layers")``: consecutive children of a ModuleList/Sequential/ModuleDict in
+  groups of ``n``, the last group truncated (as in the paper's Table 6);
+* CLI strings: ``"a,b;c,d"`` (regions split by ``;``, paths by ``,``) and
+  ``"layers:2"`` (same as ``every(2, "layers")``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from lbi_fx.errors import RegionSpecError
+
+
+@dataclass(frozen=True)
+class Every:
+    """``n`` consecutive children of the container at ``path`` per region."""
+
+    n: int
+    path: str
+
+    def resolve(self, root: nn.Module) -> list[list[str]]:
+        if not isinstance(self.n, int) or self.n < 1:
+            raise RegionSpecError(f"every(n={self.n!r}, {self.path!r}): n must be an int >= 1")
+        container = _get_submodule(root, self.path)
+        names = [name for name, _ in container.named_children()]
+        if not names:
+            raise RegionSpecError(
+                f"every({self.n}, {self.path!r}): module {self.path!r} has no children "
+                "to group; name a ModuleList, Sequential or ModuleDict"
+            )
+        if names and all(n.isdigit() for n in names):
+            names.sort(key=int)
+        prefix = f"{self.path}." if self.path else ""
+        paths = [prefix + n for n in names]
+        return [paths[i: i + self.n] for i in range(0, len(paths), self.n)]
+
+
+def every(n: int, path: str) -> Every:
+    """Group the children of ``path`` into regions of ``n`` consecutive modules."""
+    return Every(n, path)
+
+
+RegionSpec = Sequence[Sequence[str]] | Every | str
+
+
+def parse_region_string(spec: str) -> list[list[str]] | Every:
+    """Parse the CLI forms ``"a,b;c,d"`` and ``"layers:2"``."""
+    spec = spec.strip()
+    if not spec:
+        raise RegionSpecError("empty region spec; use e.g. 'layers:2' or 'layers.0,layers.1;layers.2'")
+    if ":" in spec and ";" not in spec and "," not in spec:
+        path, _, n = spec.rpartition(":")
+        try:
+            count = int(n)
+        except ValueError:
+            raise RegionSpecError(
+                f"region spec {spec!r}: expected PATH:N with an integer N, e.g. 'layers:2'"
+            ) from None
+        return Every(count, path)
+    regions = []
+    for i, part in enumerate(spec.split(";")):
+        paths = [p.strip() for p in part.split(",") if p.strip()]
+        if not paths:
+            raise RegionSpecError(f"region spec {spec!r}: region {i} is empty")
+        regions.append(paths)
+    return regions
+
+
+def _get_submodule(root: nn.Module, path: str) -> nn.Module:
+    if not path:
+        return root
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        raise RegionSpecError(
+            f"unknown module path {path!r}{suggest(path, [n for n, _ in root.named_modules()])}"
+        ) from None
+
+
+def suggest(path: str, known: Sequence[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(path, [k for k in known if k], n=3, cutoff=0.5)
+    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+def normalize_regions(spec: RegionSpec, root: nn.Module) -> list[list[str]]:
+    """Turn any accepted form into a list of lists of module paths (validated shape)."""
+    if spec is None:
+        raise RegionSpecError(
+            "regions= is required: e.g. lbi_fx.every(2, 'layers') or "
+            "[['layers.0', 'layers.1'], ['layers.2', 'layers.3']]"
+        )
+    if isinstance(spec, str):
+        spec = parse_region_string(spec)
+    if isinstance(spec, Every):
+        regions = spec.resolve(root)
+    else:
+        if not isinstance(spec, (list, tuple)):
+            raise RegionSpecError(
+                f"regions must be a list of lists of module paths, every(n, path) or a string, "
+                f"got {type(spec).__name__}"
+            )
+        regions = []
+        for i, region in enumerate(spec):
+            if isinstance(region, str):
+                region = [region]
+            if not isinstance(region, (list, tuple)) or not all(isinstance(p, str) for p in region):
+                raise RegionSpecError(f"region {i} must be a list of module paths, got {region!r}")
+            if not region:
+                raise RegionSpecError(f"region {i} is empty: give it at least one module path")
+            regions.append(list(region))
+    if len(regions) < 2:
+        raise RegionSpecError(
+            f"the spec gives {len(regions)} region(s); LBI needs at least 2 regions "
+            "(one boundary) - use smaller groups"
+        )
+    return regions

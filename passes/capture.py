@@ -1,0 +1,178 @@
+"""Capture: any PyTorch model -> ``fx.GraphModule`` whose nodes know their module path.
+
+Three entry forms are accepted: an ``nn.Module`` (symbolic tracing with our tracer,
+falling back to ``torch.export`` when tracing fails), an ``fx.GraphModule`` (taken as
+is) and the module of a ``torch.export`` program (``ep.module()``). Whatever the
+route, every node ends with ``node.meta["lbi_module"]``: the dotted path of the
+innermost module it came from ("" for top-level code), the fact regions are named by.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from lbi_fx.errors import InputError, TraceError
+
+MODULE_KEY = "lbi_module"
+CAPTURE_KEY = "lbi_capture"
+
+
+class LBITracer(fx.Tracer):
+    """``fx.Tracer`` that keeps ``leaf_modules`` (types or paths) opaque.
+
+    Opaque blocks (e.g. mamba-ssm's ``Mamba2``, whose CUDA kernels FX cannot trace)
+    stay single ``call_module`` nodes; their path is the node's target.
+    """
+
+    def __init__(self, leaf_modules: Iterable[type | str] = ()):
+        super().__init__()
+        leaves = list(leaf_modules)
+        self._leaf_types = tuple(x for x in leaves if isinstance(x, type))
+        self._leaf_paths = {x for x in leaves if isinstance(x, str)}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self._leaf_paths:
+            return True
+        if self._leaf_types and isinstance(m, self._leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _is_export_module(gm: nn.Module) -> bool:
+    return isinstance(gm, fx.GraphModule) and isinstance(
+        gm.graph._codegen, fx.graph._PyTreeCodeGen
+    )
+
+
+def _stack_path(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    if not isinstance(path, str) or path.startswith("_empty_nn_module_stack"):
+        return None
+    # Dynamo-style keys ("L['self'].layers.0") are normalised to plain dotted paths.
+    for prefix in ("L['self'].", "L__self__."):
+        if path.startswith(prefix):
+            path = path[len(prefix):]
+    return path
+
+
+def annotate_module_paths(gm: fx.GraphModule) -> None:
+    """Fill ``meta["lbi_module"]`` on every node.
+
+    ``call_module`` nodes are their own target; other nodes take the innermost entry
+    of ``nn_module_stack``. Nodes without a stack (placeholders, top-level code, and
+    ``get_attr`` nodes, whose owner is the attribute path) fill the gap: a
+    ``get_attr`` belongs to the module that owns the attribute.
+    """
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            path = str(node.target)
+        elif node.op == "get_attr":
+            path = str(node.target).rpartition(".")[0]
+        else:
+            path = _stack_path(node) or ""
+        node.meta[MODULE_KEY] = path
+
+
+def _dynamic_shapes(example_inputs: Sequence[object]) -> tuple:
+    """Batch (dim 0) and sequence (dim 1) stay dynamic; ``Dim.AUTO`` lets export keep
+    a dim static where the model really specialises it instead of failing."""
+    specs = []
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor) and x.dim() >= 1:
+            specs.append({d: torch.export.Dim.AUTO for d in range(min(x.dim(), 2))})
+        else:
+            specs.append(None)
+    return tuple(specs)
+
+
+def export_capture(model: nn.Module, example_inputs: Sequence[object]) -> fx.GraphModule:
+    """Capture with ``torch.export`` keeping batch and sequence sizes dynamic."""
+    try:
+        ep = torch.export.export(
+            model, tuple(example_inputs), dynamic_shapes=_dynamic_shapes(example_inputs)
+        )
+    except Exception as exc:  # noqa: BLE001 - re-raised as TraceError with advice
+        raise TraceError(
+            f"torch.export failed on {type(model).__name__}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}. Pass leaf_modules=[...] for "
+            "untraceable blocks, or simplify the data-dependent control flow."
+        ) from exc
+    return ep.module()
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: Sequence[object] | None = None,
+    *,
+    leaf_modules: Iterable[type | str] = (),
+) -> fx.GraphModule:
+    """Return an ``fx.GraphModule`` for ``model`` with module paths on every node.
+
+    ``meta[CAPTURE_KEY]`` on the graph module says how it was captured:
+    ``"graph_module"``, ``"export"`` or ``"symbolic_trace"``.
+    """
+    if isinstance(model, torch.export.ExportedProgram):
+        gm, how = model.module(), "export"
+    elif isinstance(model, fx.GraphModule):
+        gm, how = model, ("export" if _is_export_module(model) else "graph_module")
+    elif isinstance(model, nn.Module):
+        leaf_modules = list(leaf_modules)
+        _check_leaf_paths(model, leaf_modules)
+        tracer = LBITracer(leaf_modules)
+        try:
+            graph = tracer.trace(model)
+            gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+            how = "symbolic_trace"
+        except Exception as exc:  # noqa: BLE001 - any tracing failure triggers the fallback
+            where = _trace_failure_site(exc)
+            if example_inputs is None:
+                raise TraceError(
+                    f"symbolic tracing of {type(model).__name__} failed{where}: "
+                    f"{type(exc).__name__}: {exc}. Pass example_inputs= so lbi-fx can "
+                    "capture with torch.export instead, or mark the block with "
+                    "leaf_modules=[...]."
+                ) from exc
+            warnings.warn(
+                f"lbi-fx: symbolic tracing of {type(model).__name__} failed{where} "
+                f"({type(exc).__name__}: {exc}); capturing with torch.export instead "
+                "(batch and sequence sizes dynamic).",
+                stacklevel=3,
+            )
+            gm, how = export_capture(model, example_inputs), "export"
+    else:
+        raise InputError(
+            f"model must be an nn.Module, fx.GraphModule or torch.export program, "
+            f"got {type(model).__name__}"
+        )
+    annotate_module_paths(gm)
+    gm.meta[CAPTURE_KEY] = how
+    return gm
+
+
+def _check_leaf_paths(model: nn.Module, leaf_modules: list) -> None:
+    paths = dict(model.named_modules())
+    for leaf in leaf_modules:
+        if isinstance(leaf, str) and leaf not in paths:
+            raise InputError(f"leaf_modules names {leaf!r}, which is not a submodule of the model")
+        if not isinstance(leaf, (str, type)):
+            raise InputError(f"leaf_modules entries are module paths or types, got {leaf!r}")
+
+
+def _trace_failure_site(exc: BaseException) -> str:
+    """Name the innermost frame of user code where tracing failed."""
+    tb = exc.__traceback__
+    site = None
+    while tb is not None:
+        fname = tb.tb_frame.f_code.co_filename
+        if "/torch/" not in fname and "lbi_fx" not in fname and "/passes/" not in fname:
+            site = f"{fname}:{tb.tb_lineno} in {tb.tb_frame.f_code.co_name}"
+        tb = tb.tb_next
+    return f" at {site}" if site else ""

@@ -1,0 +1,113 @@
+"""Shape propagation: run the graph once on ``example_inputs`` and record, per node,
+the shapes and dtypes of every tensor it produces.
+
+Separators are counted in scalars per sample, so each node needs ``numel``: nodes
+returning several tensors (split, chunk, tuples) count all of them, and non-tensor
+values (sizes, ints) count 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_leaves
+
+from lbi_fx.errors import InputError
+
+SHAPE_KEY = "lbi_tensors"
+BATCH_KEY = "lbi_batch"
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= int(s)
+        return n
+
+
+def tensors_of(node: fx.Node) -> list[TensorMeta]:
+    return node.meta.get(SHAPE_KEY, [])
+
+
+def output_tensor(node: fx.Node) -> TensorMeta | None:
+    """The single tensor a node returns, or None for tuples and non-tensors."""
+    ts = tensors_of(node)
+    return ts[0] if len(ts) == 1 and node.meta.get("lbi_single") else None
+
+
+def scalars_per_sample(node: fx.Node, batch: int) -> int:
+    """Scalars a node's outputs hold per sample: numel / batch where it divides."""
+    total = 0
+    for t in tensors_of(node):
+        n = t.numel
+        total += n // batch if batch > 0 and t.shape and t.shape[0] == batch else n
+    return total
+
+
+class _Recorder(fx.Interpreter):
+    def run_node(self, n: fx.Node):
+        try:
+            result = super().run_node(n)
+        except Exception as exc:  # noqa: BLE001 - reported with the node's name
+            raise InputError(
+                f"example_inputs do not run through the model: node {n.name!r} "
+                f"(module {n.meta.get('lbi_module') or '<top level>'!r}, {n.format_node()}) "
+                f"raised {type(exc).__name__}: {exc}"
+            ) from exc
+        leaves = [x for x in tree_leaves(result) if isinstance(x, torch.Tensor)]
+        n.meta[SHAPE_KEY] = [TensorMeta(tuple(x.shape), x.dtype) for x in leaves]
+        n.meta["lbi_single"] = isinstance(result, torch.Tensor)
+        return result
+
+
+def check_example_inputs(example_inputs: object) -> tuple:
+    if example_inputs is None:
+        raise InputError(
+            "example_inputs is required: a tuple of the model's positional inputs, e.g. "
+            "example_inputs=(tokens,)"
+        )
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise InputError(
+            f"example_inputs must be a tuple of inputs, got {type(example_inputs).__name__}"
+        )
+    if not any(isinstance(x, torch.Tensor) for x in example_inputs):
+        raise InputError("example_inputs holds no tensor; the first tensor sets the batch size")
+    return tuple(example_inputs)
+
+
+def batch_size_of(example_inputs: Sequence[object]) -> int:
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor):
+            if x.dim() == 0:
+                raise InputError("the first tensor in example_inputs is 0-d; it needs a batch axis")
+            return int(x.shape[0])
+    raise InputError("example_inputs holds no tensor")
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[object]) -> object:
+    """Record ``meta[SHAPE_KEY]`` on every node; returns the model's output."""
+    example_inputs = check_example_inputs(example_inputs)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    flat = list(tree_leaves(list(example_inputs)))
+    args = flat if len(flat) == len(placeholders) else list(example_inputs)
+    required = [p for p in placeholders if not p.args]
+    if not len(required) <= len(args) <= len(placeholders):
+        raise InputError(
+            f"the model takes {len(placeholders)} inputs "
+            f"({', '.join(p.name for p in placeholders)}), example_inputs has {len(args)}"
+        )
+    with torch.no_grad():
+        out = _Recorder(gm).run(*args)
+    gm.meta[BATCH_KEY] = batch_size_of(example_inputs)
+    return out
