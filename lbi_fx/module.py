@@ -99,9 +99,11 @@ class LBIModule(nn.Module):
         regions = [gm(p, f"Region{k}") for k, p in enumerate(spec.regions)]
         static_names: list[str] = []
         pro_out = set(spec.prologue.outputs)
+        is_tensor = {n.name: bool(n.meta.get("lbi_single")) for n in self._flat_graph.nodes}
         for prog in spec.regions:
             for name in prog.inputs:
-                if name in pro_out and name != spec.m_nodes[0] and name not in static_names:
+                if (name in pro_out and name != spec.m_nodes[0] and is_tensor.get(name)
+                        and name not in static_names):
                     static_names.append(name)
         params: list[nn.Parameter] = []
         index: dict[int, int] = {}

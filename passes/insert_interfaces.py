@@ -19,8 +19,8 @@ from torch import nn
 from lbi_fx.errors import RewriteError
 from lbi_fx.interfaces import InterfaceDecoder, InterfaceEncoder
 
-from .mark_dynamic import DATA_KEY, is_dynamic
 from .capture import MODULE_KEY
+from .mark_dynamic import DATA_KEY, is_dynamic
 from .partition import PLACE_KEY, PROLOGUE, module_of, place_of
 from .shape_prop import output_tensor, tensors_of
 

@@ -13,6 +13,7 @@ import torch.fx as fx
 
 from lbi_fx.errors import RegionSpecError
 from lbi_fx.regions import suggest
+
 from .capture import MODULE_KEY
 
 PLACE_KEY = "lbi_place"
