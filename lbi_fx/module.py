@@ -69,6 +69,7 @@ class LBIModule(nn.Module):
         self._pytree_info = pytree_info
         self._backward = "scan"
         self._compiled = None
+        self._batched_ok: dict[int, bool] = {}  # per region: do batched VJPs work? (probed once)
 
     # -- configuration -------------------------------------------------------------
     @property
@@ -204,10 +205,6 @@ class LBIModule(nn.Module):
             env.update(zip(prog.outputs, outs))
 
     # called by LBIChain.forward
-    @property
-    def n_static_inputs(self) -> int:
-        return self.n_static
-
     def run_chain(self, call: _Call, m0, static, params, keep: bool):
         c = self._build()
         spec = self._programs_spec
@@ -250,13 +247,10 @@ class LBIModule(nn.Module):
             jacobian=self.jacobian,
             scan_backend=self.scan_backend,
             check_finite=self.check_finite,
+            batched_ok=self._batched_ok,
         )
         state.backward_program = self.backward_graph
         return state, outs
-
-    @property
-    def n_static_(self):  # pragma: no cover - compatibility alias
-        return self.n_static
 
     # -- checks ----------------------------------------------------------------------
     def lbi_verify(self, *, example_inputs: Sequence[object], rank=None, interfaces=None
@@ -267,6 +261,7 @@ class LBIModule(nn.Module):
         from lbi_fx.passes.shape_prop import BATCH_KEY, propagate_shapes
 
         gm = self.rewritten_graph
+        gm.meta["lbi_capture"] = f"lbi_fx.transform ({self.capture})"
         propagate_shapes(gm, example_inputs)
         mark_dynamic(gm)
         return separator_report(gm, self.regions, gm.meta[BATCH_KEY],

@@ -168,8 +168,10 @@ class LBIChain(torch.autograd.Function):
         with torch.enable_grad():
             state, outs = runner.run_chain(call, m0, static, params, keep=True)
         ctx.state = state
-        ctx.mark_non_differentiable(*[o for o in outs if not o.dtype.is_floating_point])
-        return tuple(o.detach().clone() for o in outs)
+        # Fresh tensors: the epilogue may modify them without touching the saved graphs.
+        result = tuple(o.detach().clone() for o in outs)
+        ctx.mark_non_differentiable(*[o for o in result if not o.dtype.is_floating_point])
+        return result
 
     @staticmethod
     def backward(ctx, *grad_outs):

@@ -210,3 +210,76 @@ def test_batch_mixing_is_refused():
     lbi = lbi_fx.transform(BatchNormBlock().eval().double(), [["l0"], ["l1"]], rank=2,
                            example_inputs=(idx,))
     gradient_parity(lbi, (idx,)).assert_close(**FP64)
+
+
+class _NoVmap(torch.autograd.Function):
+    """A custom Function without a vmap rule, like mamba-ssm's fused kernels."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        if g.abs().sum().item() < 0:  # data-dependent Python: impossible under vmap
+            raise AssertionError
+        s = torch.sigmoid(x)
+        return g * (s + x * s * (1 - s))
+
+
+class Opaque(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + _NoVmap.apply(self.fc(x))
+
+
+class OpaqueNet(nn.Module):
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.emb = nn.Embedding(10, d)
+        self.blocks = nn.ModuleList([Opaque(d) for _ in range(3)])
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def test_custom_function_without_vmap_falls_back_and_stays_exact():
+    idx = _idx(vocab=10)
+    model = OpaqueNet().double()
+    lbi = lbi_fx.transform(model, lbi_fx.every(1, "blocks"), rank=3, example_inputs=(idx,),
+                           leaf_modules=[Opaque])
+    assert [n.op for n in lbi.rewritten_graph.graph.nodes if "blocks" in str(n.target)] == [
+        "call_module"] * 3
+    gradient_parity(lbi, (idx,)).assert_close(**FP64)
+    from lbi_fx import runtime
+
+    seen = []
+    real = runtime.region_jacobian
+    runtime.region_jacobian = lambda state, k: seen.append(state) or real(state, k)
+    try:
+        lbi._compiled = None
+        lbi(idx).sum().backward()
+    finally:
+        runtime.region_jacobian = real
+        lbi._compiled = None
+    assert seen and seen[-1].batched_ok == {0: False, 1: False}  # the per-row fallback ran
+
+
+def test_inspect_cli_prints_graphs(capsys):
+    from lbi_fx.cli import main
+
+    assert main(["inspect", "examples.transformer:build", "--regions", "layers:2",
+                 "--rank", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "rewritten forward graph" in out and "lbi_enc_0" in out
+    assert "phase1_jacobian_0" in out and "torch.ops.lbi_fx.suffix_scan" in out
+    assert "[ region 1]" in out and "[ prologue]" in out and "[ epilogue]" in out
