@@ -93,8 +93,21 @@ def _dynamic_shapes(example_inputs: Sequence[object]) -> tuple:
     return tuple(specs)
 
 
+def _widen(example_inputs: Sequence[object]) -> tuple:
+    """Size-1 batch or sequence axes would be specialised by export (0/1 specialisation):
+    repeat them to 2 so the captured graph stays dynamic in both."""
+    out = []
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor) and x.dim() >= 1:
+            reps = [2 if (d < 2 and x.shape[d] == 1) else 1 for d in range(x.dim())]
+            x = x.repeat(*reps) if any(r > 1 for r in reps) else x
+        out.append(x)
+    return tuple(out)
+
+
 def export_capture(model: nn.Module, example_inputs: Sequence[object]) -> fx.GraphModule:
     """Capture with ``torch.export`` keeping batch and sequence sizes dynamic."""
+    example_inputs = _widen(example_inputs)
     try:
         ep = torch.export.export(
             model, tuple(example_inputs), dynamic_shapes=_dynamic_shapes(example_inputs)

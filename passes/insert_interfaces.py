@@ -89,6 +89,13 @@ def crossing_sets(gm: fx.GraphModule, num_regions: int) -> dict[int, list[fx.Nod
                     f"{u.name} ({module_of(u) or '<top level>'}) crosses into region {k} but is "
                     "not a single tensor; cross boundaries with tensors only"
                 )
+            batch = gm.meta.get("lbi_batch")
+            if batch is not None and (not t.shape or t.shape[0] != batch):
+                raise RewriteError(
+                    f"{u.name} ({module_of(u) or '<top level>'}) crosses into region {k} with "
+                    f"shape {tuple(t.shape)}, whose first axis is not the batch ({batch}); "
+                    "keep the batch axis first at region boundaries (reshape inside the region)"
+                )
             if not t.dtype.is_floating_point:
                 raise RewriteError(
                     f"{u.name} ({module_of(u) or '<top level>'}) crosses into region {k} as a "

@@ -45,11 +45,12 @@ def output_tensor(node: fx.Node) -> TensorMeta | None:
 
 
 def scalars_per_sample(node: fx.Node, batch: int) -> int:
-    """Scalars a node's outputs hold per sample: numel / batch where it divides."""
+    """Scalars a node's outputs hold per sample: numel / batch where it divides (a batch
+    folded into another axis, e.g. (B*T, D), still counts per sample)."""
     total = 0
     for t in tensors_of(node):
         n = t.numel
-        total += n // batch if batch > 0 and t.shape and t.shape[0] == batch else n
+        total += n // batch if batch > 0 and n % batch == 0 else n
     return total
 
 
@@ -107,7 +108,16 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[object]) -> ob
             f"the model takes {len(placeholders)} inputs "
             f"({', '.join(p.name for p in placeholders)}), example_inputs has {len(args)}"
         )
-    with torch.no_grad():
-        out = _Recorder(gm).run(*args)
+    # A shape probe must not change the model: keep buffers (BatchNorm statistics) and
+    # the RNG stream as they were.
+    saved = {k: b.detach().clone() for k, b in gm.named_buffers()}
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            out = _Recorder(gm).run(*args)
+    finally:
+        with torch.no_grad():
+            for k, b in gm.named_buffers():
+                if k in saved and b.shape == saved[k].shape:
+                    b.copy_(saved[k])
     gm.meta[BATCH_KEY] = batch_size_of(example_inputs)
     return out
