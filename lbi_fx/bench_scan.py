@@ -37,6 +37,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--repeat", type=int, default=5, help="timed calls per backend (default 5)")
     p.add_argument("--quick", action="store_true", help="K in {7, 64}, r = 16, N in {1, 8}")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads for the run (default: torch's); 1 gives stable timings on a "
+        "shared machine, where intra-op threads of tiny GEMMs stall when cores are busy",
+    )
     return p.parse_args(argv)
 
 
@@ -94,6 +101,7 @@ def run(device: str, repeat: int, quick: bool) -> list[dict]:
                         "dtype": "float32",
                         "device": device,
                         "repeat": repeat,
+                        "threads": torch.get_num_threads(),
                         "sequential_ms": seq,
                         "torch_ms": tch,
                         "triton_ms": tri,
@@ -129,11 +137,24 @@ def main(argv: list[str]) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("lbi-fx bench scan: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
-    rows = run(args.device, args.repeat, args.quick)
+    if args.threads is not None and args.threads < 1:
+        print("lbi-fx bench scan: --threads must be >= 1", file=sys.stderr)
+        return 2
+    saved_threads = torch.get_num_threads()
+    try:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        rows = run(args.device, args.repeat, args.quick)
+    finally:
+        torch.set_num_threads(saved_threads)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(f"suffix_scan fp32 on {args.device}, median of {args.repeat} calls")
+        threads = rows[0]["threads"] if rows else saved_threads
+        print(
+            f"suffix_scan fp32 on {args.device}, median of {args.repeat} calls, "
+            f"{threads} torch thread(s); 'x seq' = sequential ms / backend ms"
+        )
         print(format_table(rows))
     return 0
 
