@@ -65,10 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     print("note: pool='mean' averages m_k over the sequence, so a position can see later "
           "tokens through the 16-number interface (see README, 'Causality').")
 
-    print("\n== 3. gradient parity, scan backward vs autograd on the same module")
+    print("\n== 3. gradient parity, scan backward vs autograd on the same module (LM loss)")
+    targets = torch.randint(0, 256, example[0].shape)
+
+    def lm_loss(logits):
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-6)):
         probe = copy.deepcopy(lbi).to(dtype)
-        rep = gradient_parity(probe, (example[0],))
+        rep = gradient_parity(probe, (example[0],), lm_loss)
         rep.assert_close(rel_l2=tol, cosine=0.999999)
         print(f"{str(dtype):>14}: {rep}")
 
