@@ -46,6 +46,7 @@ def transform(
     pool: str = "mean",
     canvas: str | None = None,
     jacobian: str = "auto",
+    chunk: int | None = None,
     leaf_modules: Iterable[type | str] = (),
     scan_backend: str = "auto",
     check_finite: bool = False,
@@ -58,17 +59,18 @@ def transform(
     """
     import warnings
 
-    from lbi_fx.checks import probe_batch_mixing
-    from lbi_fx.errors import RewriteError, SeparatorError
+    from lbi_fx.checks import probe_batch_mixing, trial_backward
+    from lbi_fx.errors import SeparatorError
     from lbi_fx.module import LBIModule
     from lbi_fx.passes.check_batch_mixing import check_batch_mixing
     from lbi_fx.passes.insert_interfaces import insert_interfaces
     from lbi_fx.passes.mark_dynamic import mark_dynamic
     from lbi_fx.passes.shape_prop import propagate_shapes
     from lbi_fx.passes.split_places import split_places
+    from lbi_fx.runtime import STRATEGIES
 
-    if jacobian not in ("auto", "reuse"):
-        raise RewriteError(f"jacobian={jacobian!r}: choose 'auto' or 'reuse'")
+    if jacobian not in STRATEGIES:
+        raise InputError(f"jacobian={jacobian!r}: choose one of {', '.join(STRATEGIES)}")
     a = analyze(model, regions, example_inputs, leaf_modules=leaf_modules)
     K = a.num_regions
     ranks = normalize_rank(rank, K - 1)
@@ -94,11 +96,12 @@ def transform(
             f"rewrite; please report it:\n{report}", report)
     programs = split_places(a.gm, K, plan.m_nodes)
     lbi = LBIModule(a.gm, programs, a.regions, ranks, pytree_info=info, jacobian=jacobian,
-                    scan_backend=scan_backend, check_finite=check_finite,
+                    chunk=chunk, scan_backend=scan_backend, check_finite=check_finite,
                     capture=a.gm.meta.get("lbi_capture", ""))
     lbi.canvas = plan.canvas
     lbi.pool = pool
     probe_batch_mixing(lbi, a.example_inputs)
+    trial_backward(lbi, a.example_inputs)
     return lbi
 
 

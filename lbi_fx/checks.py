@@ -43,3 +43,15 @@ def probe_batch_mixing(lbi, example_inputs: Sequence[object]) -> None:
                 f"region {k} ({', '.join(lbi.regions[k])}) mixes samples: sample 0's outputs "
                 f"depend on other samples' interface state (|d out_0 / d m_b| = {leak:.2e}). "
                 "Look for reductions, views or norms over the batch axis inside the region")
+
+
+def trial_backward(lbi, example_inputs: Sequence[object]) -> None:
+    """One scan backward on the example batch at transform time: a Jacobian strategy that
+    cannot differentiate a region fails here, naming the region, not mid-training; and
+    ``auto`` makes its per-region choice once. Parameter ``.grad`` stays untouched."""
+    from lbi_fx.testing import default_loss
+
+    params = [p for p in lbi.parameters() if p.requires_grad]
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        loss = default_loss(lbi(*example_inputs))
+        torch.autograd.grad(loss, params, allow_unused=True)

@@ -108,7 +108,11 @@ def cmd_bench(args, rest: list[str]) -> int:
         from lbi_fx.bench_scan import main as bench_scan
 
         return bench_scan(rest)
-    raise UsageError(f"unknown benchmark {args.what!r}; available: scan")
+    if args.what == "step":
+        from lbi_fx.bench_step import main as bench_step
+
+        return bench_step(rest)
+    raise UsageError(f"unknown benchmark {args.what!r}; available: scan, step")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--pool", default="mean", choices=["mean", "last"])
     i.add_argument("--show", default="all", choices=["all", "forward", "backward", "report"])
     b = sub.add_parser("bench", help="benchmarks: ratios against a baseline from the same run")
-    b.add_argument("what", help="scan")
+    b.add_argument("what", help="scan | step")
     return p
 
 

@@ -11,6 +11,7 @@ reference for parity tests and benchmark ratios.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.fx as fx
@@ -21,7 +22,7 @@ from lbi_fx.errors import InputError
 from lbi_fx.passes.build_backward import build_backward_graph
 from lbi_fx.passes.split_places import Programs
 from lbi_fx.report import SeparatorReport
-from lbi_fx.runtime import ChainState, LBIChain, RegionCache
+from lbi_fx.runtime import STRATEGIES, ChainState, LBIChain, RegionCache, RngSnapshot
 
 BACKWARD_MODES = ("scan", "autograd")
 
@@ -44,6 +45,7 @@ class LBIModule(nn.Module):
         *,
         pytree_info=None,
         jacobian: str = "auto",
+        chunk: int | None = None,
         scan_backend: str = "auto",
         check_finite: bool = False,
         capture: str = "",
@@ -62,7 +64,14 @@ class LBIModule(nn.Module):
         self._programs_spec = programs
         self.regions = [list(r) for r in regions]
         self.ranks = list(ranks)
+        if jacobian not in STRATEGIES:
+            raise InputError(f"jacobian={jacobian!r}: choose one of {', '.join(STRATEGIES)}")
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise InputError(f"chunk={chunk!r}: the number of Jacobian rows per rerun, an int >= 1")
         self.jacobian = jacobian
+        self.chunk = chunk
+        self._timings: dict | None = None
+        self._jacobian_choice: dict[int, str] = {}  # region -> strategy picked by "auto"
         self.scan_backend = scan_backend
         self.check_finite = check_finite
         self.capture = capture
@@ -205,52 +214,77 @@ class LBIModule(nn.Module):
             env.update(zip(prog.outputs, outs))
 
     # called by LBIChain.forward
-    def run_chain(self, call: _Call, m0, static, params, keep: bool):
+    def run_chain(self, call: _Call, m0, static, params, keep: bool | None = None):
+        """Run the regions in order on detached inputs; return the backward's state and the
+        last region's tensor outputs. ``keep``: keep region graphs (default: as the
+        Jacobian strategy needs)."""
+        import time
+
         c = self._build()
         spec = self._programs_spec
+        keep = self.jacobian != "recompute" if keep is None else keep
         env = dict(call.env)
         leaves = [_leaf(s) for s in static]
         env.update(zip(c["static_names"], leaves))
         caches = []
         m = _leaf(m0, force=True)
         outs: list[torch.Tensor] = []
+        timings = self._timings
+        last = self.num_regions - 1
         for k, (prog, rgm) in enumerate(zip(spec.regions, c["regions"])):
             env[spec.m_nodes[k]] = m
-            res = rgm(*[env[n] for n in prog.inputs])
+            args = [env[n] for n in prog.inputs]
+            m_slot = prog.inputs.index(spec.m_nodes[k]) if spec.m_nodes[k] in prog.inputs else None
+            rng = RngSnapshot.take(m.device)
+            t0 = time.perf_counter()
+            with torch.set_grad_enabled(keep):
+                res = rgm(*args)
+            if timings is not None:
+                timings.setdefault(f"forward_{k}", []).append(time.perf_counter() - t0)
             env.update(zip(prog.outputs, res))
+            picks = ([prog.outputs.index(spec.m_nodes[k + 1])] if k < last else
+                     [i for i, r in enumerate(res) if isinstance(r, torch.Tensor)])
             slots, names = self._static_slots(k)
             cache = RegionCache(
                 m_in=m,
-                outs=[],
+                outs=[res[i] for i in picks],
                 static=[(s, env[n]) for s, n in zip(slots, names)],
                 params=[(i, c["params"][i]) for i in c["region_params"][k]],
+                replay=_replayer(rgm, args, m_slot, picks, rng),
+                kept=keep,
             )
-            if k < self.num_regions - 1:
-                nxt = env[spec.m_nodes[k + 1]]
-                cache.outs = [nxt]
-                m = _leaf(nxt.detach(), force=True)
+            if k < last:
+                m = _leaf(cache.outs[0].detach(), force=True)
             else:
-                outs = [env[n] for n in prog.outputs if isinstance(env[n], torch.Tensor)]
-                cache.outs = outs
+                outs = cache.outs
             caches.append(cache)
-        call.out_env = {n: env[n] for n in spec.regions[-1].outputs
-                        if not isinstance(env[n], torch.Tensor)}
-        for p in spec.regions[:-1]:
-            for n in p.outputs:
-                if not isinstance(env.get(n), torch.Tensor):
-                    call.out_env[n] = env[n]
+        call.out_env = {n: env[n] for p in spec.regions for n in p.outputs
+                        if not isinstance(env.get(n), torch.Tensor)}
         state = ChainState(
             caches=caches,
             ranks=[self.ranks[0], *self.ranks],
             n_static=len(static),
             n_params=len(params),
             jacobian=self.jacobian,
+            chunk=self.chunk,
             scan_backend=self.scan_backend,
             check_finite=self.check_finite,
             batched_ok=self._batched_ok,
+            choice=self._jacobian_choice,
+            timings=timings,
         )
         state.backward_program = self.backward_graph
         return state, outs
+
+    @contextmanager
+    def profile(self):
+        """Collect per-phase wall times (seconds) of forward and backward calls:
+        ``with lbi.profile() as t: ...`` then ``t["jacobian_0"]``, ``t["seed"]``, ..."""
+        self._timings = {}
+        try:
+            yield self._timings
+        finally:
+            self._timings = None
 
     # -- checks ----------------------------------------------------------------------
     def lbi_verify(self, *, example_inputs: Sequence[object], rank=None, interfaces=None
@@ -267,6 +301,19 @@ class LBIModule(nn.Module):
         return separator_report(gm, self.regions, gm.meta[BATCH_KEY],
                                 rank=self.ranks if rank is None and interfaces is None else rank,
                                 interfaces=interfaces)
+
+
+def _replayer(rgm, args: list, m_slot: int | None, picks: list[int], rng: RngSnapshot):
+    """Rerun one region from a new m_k with the RNG state of its forward (same dropout)."""
+    def replay(m):
+        a = list(args)
+        if m_slot is not None:
+            a[m_slot] = m
+        with rng.replay():
+            res = rgm(*a)
+        return [res[i] for i in picks]
+
+    return replay
 
 
 def _leaf(t, force: bool = False):

@@ -1,0 +1,230 @@
+"""``lbi-fx bench step``: where the time and memory of one LBI training step go.
+
+Every figure is measured in one run against plain autograd on the *same* module
+(``lbi.backward = "autograd"``), so ratios do not depend on the machine:
+
+* forward time, and per phase of the LBI backward: Jacobians (per region), seed VJP,
+  scan, local VJPs (per region);
+* eta = T_J / (r x T_forward_of_region), the Jacobian's efficiency against r forwards;
+* step ratio = LBI step / autograd step, and the work bound (r + 3) / 3 at eta = 1;
+* the scan's share of the LBI backward;
+* peak memory of both steps (CUDA allocator on GPU; on CPU the allocator's peak
+  reconstructed from the profiler's allocation events);
+* the span of a region-parallel execution from the measured phase times,
+  max_k T_J,k + T_scan + max_k T_local,k, against the sequential autograd backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import lbi_fx
+from lbi_fx.kernels import suffix_scan
+from lbi_fx.runtime import STRATEGIES
+
+MODELS = ("transformer", "mamba2", "hybrid")
+
+
+def _build(name: str, layers: int, width: int, batch: int, seq: int):
+    import importlib
+    import os
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        mod = importlib.import_module(f"examples.{name}")
+    except ImportError as exc:
+        raise lbi_fx.InputError(
+            f"--model {name}: cannot import examples.{name} ({exc}); run from the repository root"
+        ) from None
+    return mod.build(n_layer=layers, n_embd=width, batch=batch, seq=seq)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory(step: Callable[[], None], device: torch.device) -> int:
+    """Peak bytes allocated during one call of ``step``, above what was live before."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage),
+                    key=lambda e: e.time_range.start)
+    cur = peak = 0
+    for e in events:
+        cur += e.self_cpu_memory_usage
+        peak = max(peak, cur)
+    return peak
+
+
+def measure(lbi, inputs: tuple, targets: torch.Tensor, *, steps: int = 5, warmup: int = 2) -> dict:
+    """Time ``steps`` training steps of each backward mode on the same module."""
+    device = targets.device
+
+    def loss_of(out):
+        return F.cross_entropy(out.flatten(0, 1).float(), targets.flatten())
+
+    def step():
+        loss = loss_of(lbi(*inputs))
+        loss.backward()
+
+    def timed(mode: str) -> tuple[list[float], list[float], dict]:
+        lbi.backward = mode
+        for _ in range(warmup):
+            lbi.zero_grad(set_to_none=True)
+            step()
+        fwd, bwd, phases = [], [], {}
+        for _ in range(steps):
+            lbi.zero_grad(set_to_none=True)
+            with lbi.profile() as t:
+                _sync(device)
+                t0 = time.perf_counter()
+                loss = loss_of(lbi(*inputs))
+                _sync(device)
+                t1 = time.perf_counter()
+                loss.backward()
+                _sync(device)
+                t2 = time.perf_counter()
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
+            for key, vals in t.items():
+                phases.setdefault(key, []).append(sum(vals))
+        return fwd, bwd, {k: statistics.median(v) for k, v in phases.items()}
+
+    a_fwd, a_bwd, _ = timed("autograd")
+    s_fwd, s_bwd, ph = timed("scan")
+    K, r = lbi.num_regions, max(lbi.ranks)
+    B = targets.shape[0]
+    J = torch.randn(B, K - 1, r, r, device=device, dtype=next(lbi.parameters()).dtype) / r**0.5
+    for _ in range(3):
+        suffix_scan(J, lbi.scan_backend)
+    scan_times = []
+    for _ in range(20):
+        _sync(device)
+        t0 = time.perf_counter()
+        suffix_scan(J, lbi.scan_backend)
+        _sync(device)
+        scan_times.append(time.perf_counter() - t0)
+    t_scan = statistics.median(scan_times)
+    med = statistics.median
+    t_jac = [ph[f"jacobian_{k}"] for k in range(K - 1)]
+    t_fwd_region = [ph[f"forward_{k}"] for k in range(K - 1)]
+    t_local = [ph[f"local_{k}"] for k in range(K - 1)] + [ph["seed"]]
+    eta_k = [tj / (lbi.ranks[k] * tf) for k, (tj, tf) in enumerate(zip(t_jac, t_fwd_region))]
+    auto_step, lbi_step = med(a_fwd) + med(a_bwd), med(s_fwd) + med(s_bwd)
+    lbi.backward = "scan"
+    peak_lbi = _peak_memory(step, device)
+    lbi.backward = "autograd"
+    peak_auto = _peak_memory(step, device)
+    lbi.backward = "scan"
+    strategy = lbi.jacobian
+    if strategy == "auto":
+        picked = sorted(set(lbi._jacobian_choice.values()))
+        strategy = "auto(" + ",".join(picked) + ")" if picked else "auto"
+    span = max(t_jac) + t_scan + max(t_local)
+    return {
+        "strategy": strategy,
+        "regions": K,
+        "rank": r,
+        "batch": B,
+        "autograd_forward_s": med(a_fwd),
+        "autograd_backward_s": med(a_bwd),
+        "lbi_forward_s": med(s_fwd),
+        "lbi_backward_s": med(s_bwd),
+        "forward_region_s": t_fwd_region,
+        "jacobian_s": t_jac,
+        "seed_s": ph["seed"],
+        "scan_s": t_scan,
+        "local_s": t_local[:-1],
+        "eta": sum(t_jac) / sum(lbi.ranks[k] * t for k, t in enumerate(t_fwd_region)),
+        "eta_per_region": eta_k,
+        "step_ratio": lbi_step / auto_step,
+        "work_bound": (r + 3) / 3,
+        "scan_share": t_scan / med(s_bwd),
+        "peak_memory_autograd": peak_auto,
+        "peak_memory_lbi": peak_lbi,
+        "peak_memory_ratio": peak_lbi / peak_auto if peak_auto else float("nan"),
+        "span_parallel_s": span,
+        "span_ratio": span / med(a_bwd),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def format_report(m: dict) -> str:
+    ms = lambda s: f"{s * 1e3:.2f} ms"  # noqa: E731
+    lines = [
+        f"lbi-fx bench step: {m['regions']} regions, r={m['rank']}, batch {m['batch']}, "
+        f"jacobian={m['strategy']}, {m['device']}, {m['threads']} thread(s)",
+        f"  forward        autograd {ms(m['autograd_forward_s'])}   lbi {ms(m['lbi_forward_s'])}",
+        f"  backward       autograd {ms(m['autograd_backward_s'])}   lbi {ms(m['lbi_backward_s'])}",
+        "  lbi backward phases:",
+        "    phase 1 J_k   " + ", ".join(ms(t) for t in m["jacobian_s"]),
+        f"    phase 2 seed  {ms(m['seed_s'])}   scan {ms(m['scan_s'])}",
+        "    phase 3 local " + ", ".join(ms(t) for t in m["local_s"]),
+        "  eta = T_J / (r T_fwd_region): " + f"{m['eta']:.2f}  (per region: "
+        + ", ".join(f"{e:.2f}" for e in m["eta_per_region"]) + ")",
+        f"  step ratio lbi / autograd: {m['step_ratio']:.2f}x   (work bound (r+3)/3 = "
+        f"{m['work_bound']:.2f}x)",
+        f"  scan share of the lbi backward: {100 * m['scan_share']:.2f}%",
+        f"  peak memory: autograd {m['peak_memory_autograd'] / 2**20:.2f} MiB, lbi "
+        f"{m['peak_memory_lbi'] / 2**20:.2f} MiB, ratio {m['peak_memory_ratio']:.2f}",
+        f"  region-parallel span max J + scan + max local: {ms(m['span_parallel_s'])} vs "
+        f"sequential backward {ms(m['autograd_backward_s'])} ({m['span_ratio']:.2f}x)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="lbi-fx bench step", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="transformer", choices=MODELS)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--jacobian", default="auto", choices=list(STRATEGIES))
+    ap.add_argument("--chunk", type=int, default=None, help="rows per rerun for recompute")
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--region-size", type=int, default=2)
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model, (idx,) = _build(args.model, args.layers, args.width, args.batch, args.seq)
+    model = model.to(device)
+    idx = idx.to(device)
+    lbi = lbi_fx.transform(model, lbi_fx.every(args.region_size, "layers"), rank=args.rank,
+                           example_inputs=(idx,), jacobian=args.jacobian, chunk=args.chunk)
+    vocab = lbi(idx).shape[-1]
+    targets = torch.randint(0, vocab, idx.shape, device=device)
+    result = measure(lbi, (idx,), targets, steps=args.steps)
+    result["model"] = args.model
+    print(json.dumps(result) if args.json else format_report(result))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
