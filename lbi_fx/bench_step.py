@@ -8,8 +8,8 @@ Every figure is measured in one run against plain autograd on the *same* module
 * eta = T_J / (r x T_forward_of_region), the Jacobian's efficiency against r forwards;
 * step ratio = LBI step / autograd step, and the work bound (r + 3) / 3 at eta = 1;
 * the scan's share of the LBI backward;
-* peak memory of both steps (CUDA allocator on GPU; on CPU the allocator's peak
-  reconstructed from the profiler's allocation events);
+* peak memory of both steps (CUDA allocator on GPU; on CPU the peak of live tensor
+  storages, tracked op by op with a dispatch mode);
 * the span of a region-parallel execution from the measured phase times,
   max_k T_J,k + T_scan + max_k T_local,k, against the sequential autograd backward.
 """
@@ -21,10 +21,13 @@ import json
 import statistics
 import sys
 import time
+import weakref
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import lbi_fx
 from lbi_fx.kernels import suffix_scan
@@ -53,6 +56,36 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _LiveBytes(TorchDispatchMode):
+    """Live and peak bytes of CPU tensor storages created while active.
+
+    CPU tensors have no allocator statistics, and the profiler attributes frees to the
+    enclosing op, so a running sum of its events is not a timeline. This mode sees every
+    op's outputs (the autograd engine runs CPU backward ops in the calling thread) and
+    learns of each storage's release through a weakref finalizer.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.cur = self.peak = 0
+
+    def _free(self, key: int) -> None:
+        self.cur -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                st = t.untyped_storage()
+                if id(st) not in self.live and st.nbytes() > 0:
+                    self.live[id(st)] = st.nbytes()
+                    self.cur += st.nbytes()
+                    self.peak = max(self.peak, self.cur)
+                    weakref.finalize(st, self._free, id(st))
+        return out
+
+
 def _peak_memory(step: Callable[[], None], device: torch.device) -> int:
     """Peak bytes allocated during one call of ``step``, above what was live before."""
     if device.type == "cuda":
@@ -62,17 +95,9 @@ def _peak_memory(step: Callable[[], None], device: torch.device) -> int:
         step()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _LiveBytes() as tracker:
         step()
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage),
-                    key=lambda e: e.time_range.start)
-    cur = peak = 0
-    for e in events:
-        cur += e.self_cpu_memory_usage
-        peak = max(peak, cur)
-    return peak
+    return tracker.peak
 
 
 def measure(lbi, inputs: tuple, targets: torch.Tensor, *, steps: int = 5, warmup: int = 2) -> dict:

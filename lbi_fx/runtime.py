@@ -174,7 +174,8 @@ def _jac_recompute(state: ChainState, k: int) -> torch.Tensor:
     cache = state.caches[k]
     m = cache.m_in.detach()
     r_out = state.ranks[k + 1]
-    chunk = max(1, min(state.chunk or r_out, r_out))
+    # Default c: one region x c replicas stays under the K regions autograd keeps alive.
+    chunk = max(1, min(state.chunk or len(state.caches) // 2, r_out))
     basis = _basis(r_out, m.new_empty(m.shape[0], r_out))
     rows = []
     for i in range(0, r_out, chunk):
@@ -322,7 +323,7 @@ class LBIChain(torch.autograd.Function):
     def forward(ctx, runner, call, m0, *flat):
         static, params = flat[: runner.n_static], flat[runner.n_static:]
         with torch.enable_grad():
-            state, outs = runner.run_chain(call, m0, static, params, keep=True)
+            state, outs = runner.run_chain(call, m0, static, params)
         ctx.state = state
         # Fresh tensors: the epilogue may modify them without touching the saved graphs.
         result = tuple(o.detach().clone() for o in outs)

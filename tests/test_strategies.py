@@ -58,19 +58,22 @@ def test_auto_can_pick_forward_mode():
 
 def test_recompute_keeps_no_region_graph():
     """recompute's forward keeps m_k, statics and the RNG state, not activations."""
-    from lbi_fx.module import _Call
+    from lbi_fx import runtime
 
     model, (idx,) = build(n_layer=3, n_embd=16, n_head=2, seq=8)
     lbi = lbi_fx.transform(model, lbi_fx.every(1, "layers"), rank=4, example_inputs=(idx,),
                            jacobian="recompute", chunk=2)
-    c = lbi._build()
-    spec = lbi._programs_spec
-    env = dict(zip(spec.prologue.outputs, c["prologue"](idx)))
-    call = _Call({k: v for k, v in env.items() if k not in c["static_names"]})
-    with torch.no_grad():  # as inside autograd.Function.forward
-        state, _ = lbi.run_chain(call, env[spec.m_nodes[0]].detach(),
-                                 [env[n] for n in c["static_names"]], c["params"])
-    assert all(not cache.kept and cache.outs[0].grad_fn is None for cache in state.caches)
+    seen = []
+    real = runtime.region_jacobian
+    runtime.region_jacobian = lambda state, k: seen.append(state) or real(state, k)
+    try:
+        lbi._compiled = None
+        lbi(idx).sum().backward()
+    finally:
+        runtime.region_jacobian = real
+        lbi._compiled = None
+    caches = seen[0].caches
+    assert all(not c.kept and c.outs[0].grad_fn is None for c in caches)
 
 
 @pytest.mark.parametrize("bad", [0, -2, 2.5, "4", True])
