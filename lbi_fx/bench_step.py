@@ -48,7 +48,16 @@ def _build(name: str, layers: int, width: int, batch: int, seq: int):
         raise lbi_fx.InputError(
             f"--model {name}: cannot import examples.{name} ({exc}); run from the repository root"
         ) from None
-    return mod.build(n_layer=layers, n_embd=width, batch=batch, seq=seq)
+    import inspect
+
+    params = inspect.signature(mod.build).parameters
+    kw = {"n_layer": layers, "batch": batch, "seq": seq}
+    kw["n_embd" if "n_embd" in params else "d_model"] = width
+    if "block_size" in params:
+        kw["block_size"] = max(seq, 64)
+    model, example = mod.build(**kw)
+    kwargs = {"leaf_modules": mod.leaf_modules(model)} if hasattr(mod, "leaf_modules") else {}
+    return model, example, kwargs
 
 
 def _sync(device: torch.device) -> None:
@@ -238,11 +247,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model, (idx,) = _build(args.model, args.layers, args.width, args.batch, args.seq)
+    model, (idx,), extra = _build(args.model, args.layers, args.width, args.batch, args.seq)
     model = model.to(device)
     idx = idx.to(device)
     lbi = lbi_fx.transform(model, lbi_fx.every(args.region_size, "layers"), rank=args.rank,
-                           example_inputs=(idx,), jacobian=args.jacobian, chunk=args.chunk)
+                           example_inputs=(idx,), jacobian=args.jacobian, chunk=args.chunk,
+                           **extra)
     vocab = lbi(idx).shape[-1]
     targets = torch.randint(0, vocab, idx.shape, device=device)
     result = measure(lbi, (idx,), targets, steps=args.steps)

@@ -115,6 +115,19 @@ def cmd_bench(args, rest: list[str]) -> int:
     raise UsageError(f"unknown benchmark {args.what!r}; available: scan, step")
 
 
+def _parity(rest: list[str]) -> int:
+    """``lbi-fx parity``: the paper's Table 5 (examples/parity_table.py, from the repo root)."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        from examples.parity_table import main as parity_main
+    except ImportError as exc:
+        print(f"lbi-fx: error: parity needs the repository's examples/ ({exc}); run it from "
+              "the repository root", file=sys.stderr)
+        return 2
+    return parity_main(rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lbi-fx", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -133,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--encoder", default="mlp", choices=["mlp", "linear"])
     i.add_argument("--pool", default="mean", choices=["mean", "last"])
     i.add_argument("--show", default="all", choices=["all", "forward", "backward", "report"])
+    sub.add_parser("parity", help="gradient-parity table over backends (the paper's Table 5)")
     b = sub.add_parser("bench", help="benchmarks: ratios against a baseline from the same run")
     b.add_argument("what", help="scan | step")
     return p
@@ -142,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
+        if argv and argv[0] == "parity":
+            return _parity(argv[1:])
         if argv and argv[0] == "bench":
             args, rest = parser.parse_known_args(argv)
             return cmd_bench(args, rest)

@@ -44,10 +44,12 @@ _AD_ERRORS = (RuntimeError, NotImplementedError)
 
 @dataclass
 class RngSnapshot:
-    """RNG state a region saw in the forward, so reruns draw the same dropout masks."""
+    """RNG and autocast state a region saw in the forward, so reruns draw the same
+    dropout masks and compute in the same dtypes."""
 
     cpu: torch.Tensor
     cuda: tuple[int, torch.Tensor] | None = None
+    autocast: dict = field(default_factory=dict)  # device type -> (enabled, dtype)
 
     @staticmethod
     def take(device: torch.device) -> RngSnapshot:
@@ -55,12 +57,16 @@ class RngSnapshot:
         if device.type == "cuda":
             idx = device.index if device.index is not None else torch.cuda.current_device()
             cuda = (idx, torch.cuda.get_rng_state(idx))
-        return RngSnapshot(torch.get_rng_state(), cuda)
+        amp = {d: (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
+               for d in {"cpu", device.type}}
+        return RngSnapshot(torch.get_rng_state(), cuda, amp)
 
     @contextmanager
     def replay(self):
         devices = [self.cuda[0]] if self.cuda else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), contextlib.ExitStack() as stack:
+            for dev, (enabled, dtype) in self.autocast.items():
+                stack.enter_context(torch.autocast(dev, dtype=dtype, enabled=enabled))
             torch.set_rng_state(self.cpu)
             if self.cuda:
                 torch.cuda.set_rng_state(self.cuda[1], self.cuda[0])
