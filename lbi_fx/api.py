@@ -63,6 +63,7 @@ def transform(
     from lbi_fx.errors import SeparatorError
     from lbi_fx.module import LBIModule
     from lbi_fx.passes.check_batch_mixing import check_batch_mixing
+    from lbi_fx.passes.check_state import check_state_writes
     from lbi_fx.passes.insert_interfaces import insert_interfaces
     from lbi_fx.passes.mark_dynamic import mark_dynamic
     from lbi_fx.passes.shape_prop import propagate_shapes
@@ -78,6 +79,7 @@ def transform(
         raise InputError("rank= is required for transform (an int >= 1, or one per interface)")
     _check_float(a)
     check_batch_mixing(a.gm, K, a.batch)
+    check_state_writes(a.gm, K)
     dense = separator_report(a.gm, a.regions, a.batch)
     for b in dense.boundaries:
         if b.min_cut_scalars and ranks[b.index - 1] >= b.min_cut_scalars:

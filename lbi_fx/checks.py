@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 
-from lbi_fx.errors import BatchMixingError
+from lbi_fx.errors import BatchMixingError, RewriteError
 
 
 def probe_batch_mixing(lbi, example_inputs: Sequence[object]) -> None:
     """Every region must map sample b's m_k to sample b's outputs only.
 
-    Runs the chain once on the example batch and takes, per region, the gradient of
-    sample 0's outputs with respect to all samples' m_k: any nonzero row for another
-    sample means the region mixes samples (a batch-axis op the static check missed).
+    Runs the chain once on the example batch and, per region, takes B batched VJPs: the
+    cotangent of probe b is a random Gaussian on sample b's outputs and zero elsewhere.
+    Any gradient reaching another sample's m_k means the region mixes samples (an op
+    over the batch axis the static check missed). Random cotangents matter: a constant
+    one is annihilated by the LayerNorm that ends every interface.
     """
     c = lbi._build()
     spec = lbi._programs_spec
-    with torch.enable_grad():
+    gen = torch.Generator().manual_seed(0)
+    # A batch of one cannot show mixing: probe on two copies of the sample.
+    example_inputs = [x.repeat(2, *[1] * (x.dim() - 1))
+                      if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 1 else x
+                      for x in example_inputs]
+    with _named_failures(lbi, "forward"), torch.enable_grad(), torch.random.fork_rng(devices=[]):
         flat = lbi._flatten(tuple(example_inputs), {})
         env = dict(zip(spec.prologue.outputs, c["prologue"](*flat)))
         from lbi_fx.module import _Call
@@ -27,22 +35,38 @@ def probe_batch_mixing(lbi, example_inputs: Sequence[object]) -> None:
         statics = [env[n] for n in c["static_names"]]
         state, _ = lbi.run_chain(call, env[spec.m_nodes[0]], statics, c["params"], keep=True)
     for k, cache in enumerate(state.caches):
-        outs = [o for o in cache.outs if o.requires_grad and o.dim() > 0
-                and o.shape[0] == cache.m_in.shape[0]]
-        if cache.m_in.shape[0] < 2 or not outs:
+        B = cache.m_in.shape[0]
+        outs = [o for o in cache.outs if o.requires_grad and o.dim() > 0 and o.shape[0] == B]
+        if B < 2 or not outs:
             continue
-        seeds = [torch.zeros_like(o) for o in outs]
-        for s in seeds:
-            s[0] = 1.0
-        (g,) = torch.autograd.grad(outs, cache.m_in, seeds, retain_graph=True, allow_unused=True)
+        seeds = []
+        for o in outs:
+            noise = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o)
+            eye = torch.eye(B, dtype=o.dtype, device=o.device).reshape(B, B, *[1] * (o.dim() - 1))
+            seeds.append(eye * noise.unsqueeze(0))  # (B probes, *o.shape)
+        with _named_failures(lbi, "backward", region=k), torch.enable_grad():
+            try:
+                (g,) = torch.autograd.grad(outs, cache.m_in, seeds, retain_graph=True,
+                                           allow_unused=True, is_grads_batched=True)
+            except (RuntimeError, NotImplementedError) as exc:
+                if "inplace" in str(exc) or "in-place" in str(exc):
+                    raise
+                g = torch.stack([torch.autograd.grad(outs, cache.m_in, [s[b] for s in seeds],
+                                                     retain_graph=True, allow_unused=True)[0]
+                                 for b in range(B)])
         if g is None:
             continue
-        leak = g[1:].abs().max().item()
-        if leak > 0:
+        g = g.abs().flatten(2).amax(-1)  # (probe b, sample b') -> max |d out_b / d m_b'|
+        own = g.diagonal()
+        leak = (g - torch.diag_embed(own)).amax()
+        scale = float(own.amax()) or 1.0
+        if float(leak) > 1e-9 * scale:
+            b, b2 = divmod(int((g - torch.diag_embed(own)).argmax()), B)
             raise BatchMixingError(
-                f"region {k} ({', '.join(lbi.regions[k])}) mixes samples: sample 0's outputs "
-                f"depend on other samples' interface state (|d out_0 / d m_b| = {leak:.2e}). "
-                "Look for reductions, views or norms over the batch axis inside the region")
+                f"region {k} ({', '.join(lbi.regions[k])}) mixes samples: sample {b}'s outputs "
+                f"depend on sample {b2}'s interface state (|d out / d m| = {float(leak):.2e}). "
+                "Look for ops over the batch axis inside the region (dim=0 reductions, "
+                "cumsum/softmax/flip/roll over dim 0, matmuls with a transposed batch)")
 
 
 def trial_backward(lbi, example_inputs: Sequence[object]) -> None:
@@ -52,6 +76,22 @@ def trial_backward(lbi, example_inputs: Sequence[object]) -> None:
     from lbi_fx.testing import default_loss
 
     params = [p for p in lbi.parameters() if p.requires_grad]
+    with _named_failures(lbi, "forward"), torch.random.fork_rng(devices=[]), torch.enable_grad():
+        out = lbi(*example_inputs)
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
-        loss = default_loss(lbi(*example_inputs))
-        torch.autograd.grad(loss, params, allow_unused=True)
+        torch.autograd.grad(default_loss(out), params, allow_unused=True)
+
+
+@contextmanager
+def _named_failures(lbi, phase: str, region: int | None = None):
+    """Turn a RuntimeError raised while running a region into an LBIError naming it."""
+    lbi._where = None
+    try:
+        yield
+    except RuntimeError as exc:
+        k = region if region is not None else lbi._where
+        where = f"region {k} ({', '.join(lbi.regions[k])})" if k is not None else "the model"
+        raise RewriteError(
+            f"the rewritten model fails in the {phase} of {where} on the example inputs: "
+            f"{str(exc).strip().splitlines()[0]}. In-place ops on tensors saved for backward "
+            "are the usual cause: use the out-of-place op there") from exc

@@ -33,7 +33,10 @@ def load_factory(spec: str):
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise UsageError(f"module {mod_name!r} has no callable {fn_name!r}")
-    result = fn()
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - any failure of user code is a usage error here
+        raise UsageError(f"factory {spec!r} raised {type(exc).__name__}: {exc}") from None
     if not (isinstance(result, tuple) and len(result) == 2):
         raise UsageError(
             f"factory {spec!r} must return (model, example_inputs), got {type(result).__name__}"

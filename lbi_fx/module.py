@@ -71,6 +71,7 @@ class LBIModule(nn.Module):
         self.jacobian = jacobian
         self.chunk = chunk
         self._timings: dict | None = None
+        self._where: int | None = None  # region running now (for error messages)
         self._jacobian_choice: dict[int, str] = {}  # region -> strategy picked by "auto"
         self.scan_backend = scan_backend
         self.check_finite = check_finite
@@ -237,6 +238,7 @@ class LBIModule(nn.Module):
             m_slot = prog.inputs.index(spec.m_nodes[k]) if spec.m_nodes[k] in prog.inputs else None
             rng = RngSnapshot.take(m.device)
             t0 = time.perf_counter()
+            self._where = k
             with torch.set_grad_enabled(keep):
                 res = rgm(*args)
             if timings is not None:

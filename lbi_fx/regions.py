@@ -27,7 +27,7 @@ class Every:
     path: str
 
     def resolve(self, root: nn.Module) -> list[list[str]]:
-        if not isinstance(self.n, int) or self.n < 1:
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
             raise RegionSpecError(f"every(n={self.n!r}, {self.path!r}): n must be an int >= 1")
         container = _get_submodule(root, self.path)
         names = [name for name, _ in container.named_children()]

@@ -101,6 +101,7 @@ class ChainState:
     choice: dict = field(default_factory=dict)       # region -> strategy picked by auto
     timings: dict | None = None                      # phase -> seconds, when profiling
     backward_program: object = None  # the generated backward fx.GraphModule
+    where: str = ""                  # the region a phase is working on (for error messages)
 
     @property
     def r_max(self) -> int:
@@ -233,6 +234,7 @@ def _explicit(state: ChainState, k: int, strategy: str) -> torch.Tensor:
 
 def region_jacobian(state: ChainState, k: int) -> torch.Tensor:
     """Phase 1: J_k = dm_{k+1}/dm_k per sample, (B, r_{k+1}, r_k), zero-padded to r_max."""
+    state.where = f"region {k} (Jacobian)"
     with _clock(state, f"jacobian_{k}"):
         strategy = state.jacobian
         if strategy == "auto" and k in state.choice:
@@ -259,6 +261,7 @@ def _graph_outs(cache: RegionCache, m: torch.Tensor) -> list[torch.Tensor]:
 def last_region_vjp(state: ChainState, *grad_outs: torch.Tensor) -> tuple:
     """Phase 2 seed: one VJP through the last region with the epilogue's gradient. It
     gives mbar_{K-1} and, in the same pass, the last region's local gradients."""
+    state.where = f"region {len(state.caches) - 1} (seed VJP)"
     with _clock(state, "seed"):
         cache = state.caches[-1]
         outs = _graph_outs(cache, cache.m_in)
@@ -269,8 +272,9 @@ def last_region_vjp(state: ChainState, *grad_outs: torch.Tensor) -> tuple:
         else:
             grads = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs],
                                         allow_unused=True)
-        mbar = _zeros_if_none(grads[0], cache.m_in)
-        return (mbar, *_scatter(cache, grads[1:]))
+        # None (not zeros) when the last region ignores m_{K-1}: autograd gives earlier
+        # regions no gradient at all then, and neither may we.
+        return (grads[0], *_scatter(cache, grads[1:]))
 
 
 def stack_jacobians(jacobians: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -280,6 +284,8 @@ def stack_jacobians(jacobians: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def interface_adjoints(state: ChainState, suffix: torch.Tensor, mbar_last: torch.Tensor) -> list:
     """mbar_k = P_k mbar_{K-1} for k = 0..K-1, each cut back to its width r_k."""
+    if mbar_last is None:
+        return [None] * len(state.ranks)
     g = _pad(mbar_last, state.r_max).to(suffix.dtype)
     allm = torch.matmul(suffix, g[:, None, :, None]).squeeze(-1)  # (B, K, r)
     return [allm[:, k, : state.ranks[k]] for k in range(allm.shape[1])]
@@ -287,11 +293,12 @@ def interface_adjoints(state: ChainState, suffix: torch.Tensor, mbar_last: torch
 
 def region_local_vjp(state: ChainState, k: int, mbar_next: torch.Tensor) -> tuple:
     """Phase 3: region k's parameter and static-input gradients, seeded with mbar_{k+1}."""
+    state.where = f"region {k} (local VJP)"
     with _clock(state, f"local_{k}"):
         cache = state.caches[k]
         inputs = _inputs_of(cache, False)
-        if not inputs:
-            return _scatter(cache, [])
+        if not inputs or mbar_next is None:
+            return _scatter(cache, [None] * len(inputs))
         (out,) = _graph_outs(cache, cache.m_in)[:1]
         grads = torch.autograd.grad(out, inputs, mbar_next, allow_unused=True)
         return _scatter(cache, grads)
@@ -347,4 +354,11 @@ class LBIChain(torch.autograd.Function):
 def ctx_runner_backward(state: ChainState, grad_outs: Sequence[torch.Tensor]) -> tuple:
     program = state.backward_program  # set by the runner: an fx.GraphModule
     with torch.enable_grad():
-        return tuple(program(state, *grad_outs))
+        try:
+            return tuple(program(state, *grad_outs))
+        except RuntimeError as exc:
+            where = state.where or "the chain"
+            raise RewriteError(
+                f"the scan backward failed in {where}: {str(exc).strip().splitlines()[0]}. "
+                "An in-place op on a tensor the region saved for backward is the usual cause: "
+                "use the out-of-place op in that region") from exc

@@ -74,6 +74,11 @@ def annotate_module_paths(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         if node.op == "call_module":
             path = str(node.target)
+            stack = [v[0] for v in (node.meta.get("nn_module_stack") or {}).values()]
+            parent = stack[-2] if len(stack) >= 2 and isinstance(stack[-2], str) else None
+            if parent and not path.startswith(parent + "."):
+                # a module instance registered under several paths: name it by the caller
+                path = f"{parent}.{path.rpartition('.')[2]}"
         elif node.op == "get_attr":
             path = str(node.target).rpartition(".")[0]
         else:
@@ -105,7 +110,8 @@ def _widen(example_inputs: Sequence[object]) -> tuple:
     return tuple(out)
 
 
-def export_capture(model: nn.Module, example_inputs: Sequence[object]) -> fx.GraphModule:
+def export_capture(model: nn.Module, example_inputs: Sequence[object],
+                   earlier: str = "") -> fx.GraphModule:
     """Capture with ``torch.export`` keeping batch and sequence sizes dynamic."""
     example_inputs = _widen(example_inputs)
     try:
@@ -113,10 +119,12 @@ def export_capture(model: nn.Module, example_inputs: Sequence[object]) -> fx.Gra
             model, tuple(example_inputs), dynamic_shapes=_dynamic_shapes(example_inputs)
         )
     except Exception as exc:  # noqa: BLE001 - re-raised as TraceError with advice
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise TraceError(
-            f"torch.export failed on {type(model).__name__}: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}. Pass leaf_modules=[...] for "
-            "untraceable blocks, or simplify the data-dependent control flow."
+            (f"{earlier}; then " if earlier else "")
+            + f"torch.export failed on {type(model).__name__}: {type(exc).__name__}: {first}. "
+            "Pass leaf_modules=[...] for untraceable blocks, or simplify the data-dependent "
+            "control flow."
         ) from exc
     return ep.module()
 
@@ -140,10 +148,14 @@ def capture(
         leaf_modules = list(leaf_modules)
         _check_leaf_paths(model, leaf_modules)
         tracer = LBITracer(leaf_modules)
+        before = {k: b.detach().clone() for k, b in model.named_buffers()}
         try:
             graph = tracer.trace(model)
+            _check_buffers_untouched(model, before)
             gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
             how = "symbolic_trace"
+        except TraceError:
+            raise
         except Exception as exc:  # noqa: BLE001 - any tracing failure triggers the fallback
             where = _trace_failure_site(exc)
             if example_inputs is None:
@@ -159,7 +171,8 @@ def capture(
                 "(batch and sequence sizes dynamic).",
                 stacklevel=3,
             )
-            gm, how = export_capture(model, example_inputs), "export"
+            gm, how = export_capture(model, example_inputs, f"symbolic tracing failed{where}: "
+                                     f"{type(exc).__name__}: {exc}"), "export"
     else:
         raise InputError(
             f"model must be an nn.Module, fx.GraphModule or torch.export program, "
@@ -168,6 +181,24 @@ def capture(
     annotate_module_paths(gm)
     gm.meta[CAPTURE_KEY] = how
     return gm
+
+
+def _check_buffers_untouched(model: nn.Module, before: dict) -> None:
+    """A buffer that changed during symbolic tracing was updated by eager Python code
+    (``self.count += 1``) that the graph does not record: the rewritten model would
+    silently drop the update. Restore it and refuse."""
+    changed = []
+    with torch.no_grad():
+        for k, b in model.named_buffers():
+            if k in before and (b.shape != before[k].shape or not torch.equal(b, before[k])):
+                changed.append(k)
+                if b.shape == before[k].shape:
+                    b.copy_(before[k])
+    if changed:
+        raise TraceError(
+            f"forward updates buffer {', '.join(changed)} with eager Python code that FX does "
+            "not record (e.g. `self.count += 1`); the rewritten model would drop the update. "
+            "Move the state update out of forward, or make it a traced tensor op")
 
 
 def _check_leaf_paths(model: nn.Module, leaf_modules: list) -> None:

@@ -19,6 +19,9 @@ from .partition import module_of, place_of
 from .shape_prop import output_tensor, tensors_of
 
 _BN_FUNCS = {torch.nn.functional.batch_norm, torch.batch_norm}
+# ops taking a dim argument that mix samples when that dim is the batch axis
+_ALONG_DIM = {"cumsum", "cumprod", "cummax", "cummin", "softmax", "log_softmax", "flip", "roll",
+              "sort", "argsort", "topk", "logcumsumexp"}
 _REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "std", "var", "prod", "norm",
                "logsumexp", "nansum", "nanmean", "std_mean", "var_mean"}
 
@@ -50,6 +53,10 @@ def check_batch_mixing(gm: fx.GraphModule, num_regions: int, batch: int) -> None
                 raise BatchMixingError(
                     f"{where} runs batch_norm with training statistics: it mixes samples. Use "
                     "a per-sample normalisation inside regions")
+        if _op_name(node) in _ALONG_DIM and _touches_batch_dim(node):
+            raise BatchMixingError(
+                f"{where} runs {_op_name(node)} along the batch axis ({node.format_node()}): "
+                "samples mix, so m_k would not be per sample. Use a non-batch axis")
         if _op_name(node) in _REDUCTIONS:
             ins = [a for a in node.all_input_nodes if is_dynamic(a) and output_tensor(a) is not None]
             out = tensors_of(node)
@@ -59,3 +66,18 @@ def check_batch_mixing(gm: fx.GraphModule, num_regions: int, batch: int) -> None
                 raise BatchMixingError(
                     f"{where} reduces over the batch axis ({node.format_node()}): samples mix, "
                     "so m_k would not be per sample. Reduce over non-batch axes only")
+
+
+def _touches_batch_dim(node: fx.Node) -> bool:
+    """Does a dim/dims/shifts argument name axis 0 of the op's (batch-first) input?"""
+    src = next((a for a in node.all_input_nodes if output_tensor(a) is not None), None)
+    ndim = len(output_tensor(src).shape) if src is not None else 0
+    dims = node.kwargs.get("dim", node.kwargs.get("dims"))
+    if dims is None:
+        name = _op_name(node)
+        pos = 2 if name in ("roll", "topk") else 1
+        dims = node.args[pos] if len(node.args) > pos else None
+    if dims is None:
+        return False
+    dims = dims if isinstance(dims, (list, tuple)) else [dims]
+    return any(isinstance(d, int) and ndim and d % ndim == 0 for d in dims)

@@ -123,6 +123,12 @@ def check_topological(gm: fx.GraphModule, num_regions: int) -> None:
             if src.op == "get_attr":
                 continue
             if place_of(src) > place_of(node):
+                if place_of(src) == num_regions and 0 <= place_of(node) < num_regions:
+                    raise RegionSpecError(
+                        f"module {module_of(src) or '<top level>'} ({src.name}) is not listed in "
+                        f"any region but runs between modules of region {place_of(node)} (it "
+                        f"feeds {node.name}, {module_of(node) or '<top level>'}); add it to "
+                        f"region {place_of(node)}")
                 raise RegionSpecError(
                     "regions out of topological order: edge "
                     f"{src.name} ({module_of(src) or '<top level>'}, "

@@ -1,0 +1,233 @@
+"""``lbi-fx bench comm``: bytes (and, with ``--timed``, backward critical path) of region
+parallelism vs a pipeline-parallel baseline, from one real multi-process run.
+
+It spawns ``--world`` processes itself (gloo on 127.0.0.1, a free port), builds
+``examples.transformer`` with K regions of ``--layers-per-region`` blocks, and runs one
+step of each:
+
+* LBI (``lbi_fx.distributed.RegionParallel``): backward bytes = the one J all-gather
+  (world x slots x B x r x r) + the mbar_{K-1} broadcast (B x r);
+* pipeline (``PipelineBaseline``): backward bytes = the (B, L, D) activation gradient
+  sent across each of the world-1 rank boundaries.
+
+Both also all-reduce the gradients of parameters several ranks use (embeddings, tied
+head); that is reported separately as ``*_grad_allreduce_bytes``. Defaults are the
+paper's configuration (K=7, r=64, bf16, B=1, L=1024, D=768) with one block per region
+and one rank per region.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+
+
+def _build(cfg: dict):
+    """(lbi, baseline model, idx, targets, regions as layer lists) on this rank."""
+    root = str(Path(__file__).resolve().parents[1])
+    for p in (os.getcwd(), root):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    import lbi_fx
+    from examples.transformer import build
+
+    K, lpr = cfg["k"], cfg["layers_per_region"]
+    kw = dict(n_layer=K * lpr, n_embd=cfg["dim"], n_head=cfg["heads"],
+              block_size=max(cfg["seq"], 8), seed=0)
+    torch.manual_seed(0)  # interface modules draw from the global RNG
+    model, _ = build(batch=2, seq=8, **kw)  # small example: capture is shape-generic
+    layers = [[k * lpr + i for i in range(lpr)] for k in range(K)]
+    lbi = lbi_fx.transform(model, regions=[[f"layers.{i}" for i in ls] for ls in layers],
+                           rank=cfg["rank"], example_inputs=(torch.zeros(2, 8, dtype=torch.long),),
+                           jacobian="reuse")
+    dtype = DTYPES[cfg["dtype"]]
+    lbi = lbi.to(dtype)
+    base, _ = build(batch=2, seq=8, **kw)
+    base = base.to(dtype)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 256, (cfg["batch"], cfg["seq"]), generator=g)
+    tgt = torch.randint(0, 256, (cfg["batch"], cfg["seq"]), generator=g)
+    return lbi, base, idx, tgt, layers
+
+
+def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from lbi_fx.distributed import Comm, PipelineBaseline, RegionParallel
+
+    torch.set_num_threads(cfg["threads"])
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        lbi, base, idx, tgt, layers = _build(cfg)
+
+        def loss_fn(logits):
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1))
+
+        lbi_t, pipe_t = [], []
+        rp = RegionParallel(lbi, comm=Comm())
+        pipe = PipelineBaseline(base, layers, comm=Comm())
+        for _ in range(cfg["steps"]):
+            rp.comm.records.clear()
+            pipe.comm.records.clear()
+            lbi.zero_grad(set_to_none=True)
+            dist.barrier()
+            t0 = time.perf_counter()
+            lbi_loss = rp.step((idx,), loss_fn)
+            lbi_t.append(dict(rp.timings, step=time.perf_counter() - t0))
+            base.zero_grad(set_to_none=True)
+            dist.barrier()
+            t0 = time.perf_counter()
+            pipe_loss = pipe.step(idx, loss_fn, sync=True)
+            pipe_t.append(dict(pipe.timings, step=time.perf_counter() - t0))
+        lbi_tot, pipe_tot = rp.comm.totals(), pipe.comm.totals()
+        every: list = [None] * world
+        dist.all_gather_object(every, {"lbi": lbi_t, "pipe": pipe_t})
+        if rank == 0:
+            Path(out).write_text(json.dumps(dict(
+                lbi=lbi_tot, pipe=pipe_tot, timings=every, lbi_loss=lbi_loss,
+                pipe_loss=pipe_loss, place=rp.place)))
+        dist.barrier()  # nobody tears down the store (hosted by rank 0) while others use it
+    finally:
+        dist.destroy_process_group()
+
+
+def run(cfg: dict) -> dict:
+    """One multi-process run; returns rank 0's summary."""
+    import torch.multiprocessing as mp
+
+    from lbi_fx.distributed import free_port
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        mp.spawn(_worker, args=(cfg["world"], free_port(), cfg, out), nprocs=cfg["world"])
+        return json.loads(Path(out).read_text())
+
+
+def _critical_path(res: dict) -> dict:
+    """Per rank, the fastest of the timed steps after the first (warm-up)."""
+    def best(key: str, rank: int) -> dict:
+        steps = res["timings"][rank][key]
+        steps = steps[1:] or steps
+        return min(steps, key=lambda t: sum(t.values()))
+
+    world = len(res["timings"])
+    compute = ("jacobian", "seed", "scan", "local", "prologue_bwd")
+    per_rank = []
+    for j in range(world):
+        t = best("lbi", j)
+        per_rank.append({k: t.get(k, 0.0) for k in (*compute, "allgather", "broadcast")})
+    exchange = min(t["allgather"] + t["broadcast"] for t in per_rank)
+    lbi = max(sum(t[k] for k in compute) for t in per_rank) + exchange
+    after = max(sum(t[k] for k in compute if k != "jacobian") for t in per_rank) + exchange
+    pipe = max(best("pipe", j)["backward"] for j in range(world))
+    return dict(lbi_critical_s=lbi, lbi_exchange_s=exchange, lbi_after_forward_s=after,
+                pipeline_backward_s=pipe,
+                lbi_step_s=max(best("lbi", j)["step"] for j in range(world)),
+                pipeline_step_s=max(best("pipe", j)["step"] for j in range(world)),
+                lbi_per_rank=per_rank)
+
+
+def summarize(cfg: dict, res: dict) -> dict:
+    lbi_b = sum(res["lbi"].get(p, 0) for p in ("scan_allgather", "mbar_broadcast"))
+    pipe_b = res["pipe"].get("pipe_backward_grad", 0)
+    return dict(
+        config={k: cfg[k] for k in ("k", "world", "rank", "dtype", "batch", "seq", "dim",
+                                    "layers_per_region")},
+        placement=res["place"],
+        lbi_bytes=lbi_b,
+        pipeline_bytes=pipe_b,
+        ratio=pipe_b / lbi_b if lbi_b else float("inf"),
+        lbi_phases=res["lbi"],
+        pipeline_phases=res["pipe"],
+        lbi_grad_allreduce_bytes=res["lbi"].get("grad_allreduce", 0),
+        pipeline_grad_allreduce_bytes=res["pipe"].get("grad_allreduce", 0),
+        lbi_loss=res["lbi_loss"],
+        pipeline_loss=res["pipe_loss"],
+    )
+
+
+def _kb(b: float) -> str:
+    return f"{b / 1024:,.1f} KiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="lbi-fx bench comm", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--k", type=int, default=None, help="regions (default 7)")
+    ap.add_argument("--world", type=int, default=None, help="ranks (default: K)")
+    ap.add_argument("--rank", type=int, default=None, help="interface rank r (default 64)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16")
+    ap.add_argument("--batch", type=int, default=None, help="default 1")
+    ap.add_argument("--seq", type=int, default=None, help="default 1024")
+    ap.add_argument("--dim", type=int, default=None, help="default 768")
+    ap.add_argument("--heads", type=int, default=None, help="default 12")
+    ap.add_argument("--layers-per-region", type=int, default=None, help="default 1")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    ap.add_argument("--timed", action="store_true",
+                    help="backward critical path vs pipeline backward for K = world in "
+                         "--worlds (defaults there: D=256, L=256, r=32, fp32, 2 blocks/region)")
+    ap.add_argument("--worlds", default="2,4")
+    ap.add_argument("--steps", type=int, default=None, help="steps (timed: first is warm-up)")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    defaults = dict(k=7, rank=64, dtype="bf16", batch=1, seq=1024, dim=768, heads=12,
+                    layers_per_region=1, steps=1)
+    if a.timed:
+        defaults.update(dim=256, heads=4, seq=256, rank=32, dtype="fp32", layers_per_region=2,
+                        steps=3)
+    cfg = {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in defaults.items()}
+    cfg.update(world=a.world or cfg["k"], threads=a.threads)
+    if a.timed:
+        rows = []
+        for w in (int(x) for x in a.worlds.split(",")):
+            c = dict(cfg, k=w, world=w)
+            res = run(c)
+            rows.append(dict(summarize(c, res), **_critical_path(res)))
+        if a.json:
+            print(json.dumps(rows, indent=1))
+        else:
+            c = rows[0]["config"]
+            print(f"r={c['rank']} {c['dtype']} B={c['batch']} L={c['seq']} D={c['dim']} "
+                  f"{c['layers_per_region']} blocks/region, one region per rank; seconds")
+            print(f"{'K=world':>8} {'LBI crit':>9} {'exchange':>9} {'LBI after fwd':>14} "
+                  f"{'pipe bwd':>9} {'LBI step':>9} {'pipe step':>10}")
+            for r in rows:
+                print(f"{r['config']['world']:>8} {r['lbi_critical_s']:>9.3f} "
+                      f"{r['lbi_exchange_s']:>9.4f} {r['lbi_after_forward_s']:>14.3f} "
+                      f"{r['pipeline_backward_s']:>9.3f} {r['lbi_step_s']:>9.3f} "
+                      f"{r['pipeline_step_s']:>10.3f}")
+                for j, t in enumerate(r["lbi_per_rank"]):
+                    print("    rank", j, " ".join(f"{k}={v:.3f}" for k, v in t.items()))
+        return 0
+    s = summarize(cfg, run(cfg))
+    if a.json:
+        print(json.dumps(s, indent=1))
+        return 0
+    c = s["config"]
+    print(f"K={c['k']} world={c['world']} r={c['rank']} {c['dtype']} B={c['batch']} "
+          f"L={c['seq']} D={c['dim']} placement={s['placement']}")
+    print(f"  LBI backward bytes      {s['lbi_bytes']:>12,}  ({_kb(s['lbi_bytes'])}: "
+          f"J all-gather {s['lbi_phases'].get('scan_allgather', 0):,} + mbar broadcast "
+          f"{s['lbi_phases'].get('mbar_broadcast', 0):,})")
+    print(f"  pipeline backward bytes {s['pipeline_bytes']:>12,}  ({_kb(s['pipeline_bytes'])}: "
+          "(B, L, D) activation gradient per rank boundary)")
+    print(f"  ratio                   {s['ratio']:>12.1f}x")
+    print(f"  forward: LBI m_k sends {s['lbi_phases'].get('forward_m', 0):,} B, pipeline "
+          f"activations {s['pipeline_phases'].get('pipe_forward_act', 0):,} B")
+    print(f"  grad all-reduce (shared params): LBI {s['lbi_grad_allreduce_bytes']:,} B, "
+          f"pipeline {s['pipeline_grad_allreduce_bytes']:,} B")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
