@@ -115,7 +115,11 @@ def cmd_bench(args, rest: list[str]) -> int:
         from lbi_fx.bench_step import main as bench_step
 
         return bench_step(rest)
-    raise UsageError(f"unknown benchmark {args.what!r}; available: scan, step")
+    if args.what == "comm":
+        from lbi_fx.bench_comm import main as bench_comm
+
+        return bench_comm(rest)
+    raise UsageError(f"unknown benchmark {args.what!r}; available: scan, step, comm")
 
 
 def _parity(rest: list[str]) -> int:
@@ -151,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--show", default="all", choices=["all", "forward", "backward", "report"])
     sub.add_parser("parity", help="gradient-parity table over backends (the paper's Table 5)")
     b = sub.add_parser("bench", help="benchmarks: ratios against a baseline from the same run")
-    b.add_argument("what", help="scan | step")
+    b.add_argument("what", help="scan | step | comm")
     return p
 
 
