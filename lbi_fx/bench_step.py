@@ -171,7 +171,9 @@ def measure(lbi, inputs: tuple, targets: torch.Tensor, *, steps: int = 5, warmup
     lbi.backward = "scan"
     strategy = lbi.jacobian
     if strategy == "auto":
-        picked = sorted(set(lbi._jacobian_choice.values()))
+        picked = sorted({v if v != "reuse" else
+                         ("reuse" if lbi._batched_ok.get(k, True) else "reuse-rows")
+                         for k, v in lbi._jacobian_choice.items()})
         strategy = "auto(" + ",".join(picked) + ")" if picked else "auto"
     span = max(t_jac) + t_scan + max(t_local)
     return {

@@ -201,9 +201,12 @@ _JACOBIANS = {"reuse": _jac_reuse, "forward": _jac_forward, "recompute": _jac_re
 
 
 def _probe(state: ChainState, k: int) -> tuple[str, torch.Tensor]:
-    """``auto``: time forward mode and batched VJPs once; keep the faster that works."""
+    """``auto``: time forward mode, batched VJPs and one VJP per row once; keep the
+    fastest that works (on CPU, batching r small VJPs often gains nothing)."""
     best = None
-    for name in ("forward", "reuse"):
+    for name, batched in (("forward", None), ("reuse", True), ("reuse", False)):
+        if batched is not None:
+            state.batched_ok[k] = batched
         t0 = time.perf_counter()
         try:
             # FX prints the failing line of generated code to stderr before re-raising;
@@ -214,11 +217,15 @@ def _probe(state: ChainState, k: int) -> tuple[str, torch.Tensor]:
         except _AD_ERRORS:
             continue
         dt = time.perf_counter() - t0
+        if batched is not None and not state.batched_ok[k] and batched:
+            continue  # batched VJPs failed and fell back to rows: timed below
         if best is None or dt < best[0]:
-            best = (dt, name, jac)
-    if best is None:  # neither works: let reuse raise its own error
+            best = (dt, name, jac, batched)
+    if best is None:  # nothing works: let reuse raise its own error
         return "reuse", _explicit(state, k, "reuse")
     state.choice[k] = best[1]
+    if best[3] is not None:
+        state.batched_ok[k] = best[3]
     return best[1], best[2]
 
 
