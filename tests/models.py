@@ -253,3 +253,19 @@ def not_a_tuple_factory():
 
 def not_a_module_factory():
     return "model", (torch.randn(2, 6),)
+
+
+def backward_states(lbi, *inputs) -> list:
+    """Run one scan step and return the ChainState(s) its backward program saw."""
+    from lbi_fx import runtime
+
+    seen = []
+    real = runtime.region_jacobian
+    runtime.region_jacobian = lambda state, k: seen.append(state) or real(state, k)
+    try:
+        lbi._compiled = None  # rebuild the backward graph around the spy
+        lbi(*inputs).sum().backward()
+    finally:
+        runtime.region_jacobian = real
+        lbi._compiled = None
+    return seen

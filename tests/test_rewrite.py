@@ -260,17 +260,9 @@ def test_custom_function_without_vmap_falls_back_and_stays_exact():
     assert [n.op for n in lbi.rewritten_graph.graph.nodes if "blocks" in str(n.target)] == [
         "call_module"] * 3
     gradient_parity(lbi, (idx,)).assert_close(**FP64)
-    from lbi_fx import runtime
+    from tests.models import backward_states
 
-    seen = []
-    real = runtime.region_jacobian
-    runtime.region_jacobian = lambda state, k: seen.append(state) or real(state, k)
-    try:
-        lbi._compiled = None
-        lbi(idx).sum().backward()
-    finally:
-        runtime.region_jacobian = real
-        lbi._compiled = None
+    seen = backward_states(lbi, idx)
     assert seen and seen[-1].batched_ok == {0: False, 1: False}  # the per-row fallback ran
 
 

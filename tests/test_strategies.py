@@ -58,21 +58,12 @@ def test_auto_can_pick_forward_mode():
 
 def test_recompute_keeps_no_region_graph():
     """recompute's forward keeps m_k, statics and the RNG state, not activations."""
-    from lbi_fx import runtime
+    from tests.models import backward_states
 
     model, (idx,) = build(n_layer=3, n_embd=16, n_head=2, seq=8)
     lbi = lbi_fx.transform(model, lbi_fx.every(1, "layers"), rank=4, example_inputs=(idx,),
                            jacobian="recompute", chunk=2)
-    seen = []
-    real = runtime.region_jacobian
-    runtime.region_jacobian = lambda state, k: seen.append(state) or real(state, k)
-    try:
-        lbi._compiled = None
-        lbi(idx).sum().backward()
-    finally:
-        runtime.region_jacobian = real
-        lbi._compiled = None
-    caches = seen[0].caches
+    caches = backward_states(lbi, idx)[0].caches
     assert all(not c.kept and c.outs[0].grad_fn is None for c in caches)
 
 
