@@ -169,9 +169,16 @@ class LBIModule(nn.Module):
         return c["backward"]
 
     def _static_slots(self, k: int) -> tuple[list[int], list[str]]:
+        """Region k's static inputs and their slots among the chain's; derived once per
+        build, since every forward asks for them."""
         c = self._build()
-        names = [n for n in self._programs_spec.regions[k].inputs if n in c["static_names"]]
-        return [c["static_names"].index(n) for n in names], names
+        if "static_slots" not in c:
+            slot = {n: i for i, n in enumerate(c["static_names"])}
+            c["static_slots"] = [
+                ([slot[n] for n in names], names)
+                for names in ([n for n in prog.inputs if n in slot]
+                              for prog in self._programs_spec.regions)]
+        return c["static_slots"][k]
 
     def _last_tensor_outputs(self) -> list[str]:
         last = self._programs_spec.regions[-1]
