@@ -1,4 +1,4 @@
-"""Train examples.transformer with LBI region parallelism: one process per rank.
+"""Train lbi_fx.models.transformer (the example GPT) with LBI region parallelism: one process per rank.
 
     torchrun --nproc-per-node 2 examples/distributed_train.py [--steps 5 --layers 4 ...]
 
@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import lbi_fx  # noqa: E402
-from examples.transformer import build  # noqa: E402
-from lbi_fx.distributed import LBI_BACKWARD_PHASES, RegionParallel  # noqa: E402
+import lbi_fx
+from lbi_fx.distributed import LBI_BACKWARD_PHASES, RegionParallel
+from lbi_fx.models.transformer import build
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,12 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     model, (example,) = build(n_layer=a.layers, n_embd=a.width, block_size=a.seq, batch=2, seq=8)
     lbi = lbi_fx.transform(model, regions=[[f"layers.{k * per + i}" for i in range(per)]
                                            for k in range(K)],
-                           rank=a.rank, example_inputs=(example,), jacobian="reuse").to(device)
+                           rank=a.rank, example_inputs=(example,), max_len=a.seq,
+                           jacobian="reuse").to(device)
     rp = RegionParallel(lbi)
     params = [p for n, p in lbi.named_parameters() if n in set(rp.used)]
     opt = torch.optim.AdamW(params, lr=a.lr)
     try:
-        from examples.data import load_corpus
+        from lbi_fx.data import load_corpus
 
         corpus = load_corpus(max_bytes=500_000)
     except Exception:  # no stdlib sources: random bytes still exercise the machinery

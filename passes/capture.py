@@ -9,6 +9,8 @@ innermost module it came from ("" for top-level code), the fact regions are name
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
 from collections.abc import Iterable, Sequence
 
@@ -26,7 +28,8 @@ class LBITracer(fx.Tracer):
     """``fx.Tracer`` that keeps ``leaf_modules`` (types or paths) opaque.
 
     Opaque blocks (e.g. mamba-ssm's ``Mamba2``, whose CUDA kernels FX cannot trace)
-    stay single ``call_module`` nodes; their path is the node's target.
+    stay single ``call_module`` nodes; their path is the node's target. Modules that
+    declare ``lbi_fx_leaf = True`` (``lbi_fx.pgf.TiledMamba2Mixer``) are leaves as well.
     """
 
     def __init__(self, leaf_modules: Iterable[type | str] = ()):
@@ -39,6 +42,8 @@ class LBITracer(fx.Tracer):
         if module_qualified_name in self._leaf_paths:
             return True
         if self._leaf_types and isinstance(m, self._leaf_types):
+            return True
+        if getattr(m, "lbi_fx_leaf", False):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -84,6 +89,11 @@ def annotate_module_paths(gm: fx.GraphModule) -> None:
         else:
             path = _stack_path(node) or ""
         node.meta[MODULE_KEY] = path
+        if isinstance(node.type, str):
+            # a postponed annotation ("torch.Tensor" under `from __future__ import
+            # annotations`) would become a str global of the generated code, which
+            # GraphModule pickling (torch.save) cannot import
+            node.type = None
 
 
 def _dynamic_shapes(example_inputs: Sequence[object]) -> tuple:
@@ -129,6 +139,44 @@ def export_capture(model: nn.Module, example_inputs: Sequence[object],
     return ep.module()
 
 
+def is_hf_pretrained(model: nn.Module) -> bool:
+    """A ``transformers.PreTrainedModel``, recognised without importing transformers."""
+    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers")
+               for c in type(model).__mro__)
+
+
+@contextlib.contextmanager
+def _cache_off(model: nn.Module):
+    """``config.use_cache = False`` for the duration of a capture, then the user's value."""
+    config = getattr(model, "config", None)
+    saved = getattr(config, "use_cache", None)
+    if config is not None and saved is not None:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if config is not None and saved is not None:
+            config.use_cache = saved
+
+
+def hf_capture(model: nn.Module, example_inputs: Sequence[object] | None) -> fx.GraphModule:
+    """Capture a Hugging Face model as it comes: torch.export with the KV cache off.
+
+    HF forwards do not symbolically trace, and with ``use_cache`` on they return a
+    ``DynamicCache`` that export cannot flatten; an LBI model recomputes whole sequences
+    anyway, so the cache has no use there. The output type (``CausalLMOutput...``) stays.
+    """
+    name = type(model).__name__
+    if example_inputs is None:
+        raise TraceError(f"{name} is a Hugging Face model, which lbi-fx captures with "
+                         "torch.export: pass example_inputs=(input_ids,)")
+    if getattr(getattr(model, "config", None), "use_cache", False):
+        warnings.warn(f"lbi-fx: {name} is a Hugging Face model: capturing it with torch.export "
+                      "and use_cache=False (an LBI model has no KV cache)", stacklevel=5)
+    with _cache_off(model):
+        return export_capture(model, example_inputs)
+
+
 def capture(
     model: nn.Module,
     example_inputs: Sequence[object] | None = None,
@@ -144,6 +192,8 @@ def capture(
         gm, how = model.module(), "export"
     elif isinstance(model, fx.GraphModule):
         gm, how = model, ("export" if _is_export_module(model) else "graph_module")
+    elif isinstance(model, nn.Module) and is_hf_pretrained(model):
+        gm, how = hf_capture(model, example_inputs), "export"
     elif isinstance(model, nn.Module):
         leaf_modules = list(leaf_modules)
         _check_leaf_paths(model, leaf_modules)
@@ -212,11 +262,17 @@ def _check_leaf_paths(model: nn.Module, leaf_modules: list) -> None:
 
 def _trace_failure_site(exc: BaseException) -> str:
     """Name the innermost frame of user code where tracing failed."""
+    from lbi_fx import errors  # any module at the package root locates the package
+
+    # lbi-fx's own frames are never the cause; its example models (lbi_fx/models) can be
+    pkg = os.path.dirname(os.path.abspath(errors.__file__))
+    own = (pkg + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
+    models = os.path.join(pkg, "models") + os.sep
     tb = exc.__traceback__
     site = None
     while tb is not None:
-        fname = tb.tb_frame.f_code.co_filename
-        if "/torch/" not in fname and "lbi_fx" not in fname and "/passes/" not in fname:
+        fname = os.path.abspath(tb.tb_frame.f_code.co_filename)
+        if "/torch/" not in fname and (not fname.startswith(own) or fname.startswith(models)):
             site = f"{fname}:{tb.tb_lineno} in {tb.tb_frame.f_code.co_name}"
         tb = tb.tb_next
     return f" at {site}" if site else ""

@@ -1,19 +1,14 @@
 """Fast checks of the example model, corpus and training loop used by the demo."""
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.fx
 
-# `examples` lives at the repo root, which plain `pytest` does not put on sys.path.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from examples.data import SEP, load_corpus  # noqa: E402
-from examples.train import format_table, train_lm, train_side_by_side  # noqa: E402
-from examples.transformer import GPT, GPTConfig, build, build_export  # noqa: E402
+from lbi_fx.data import SEP, load_corpus
+from lbi_fx.models.transformer import GPT, GPTConfig, build, build_export
+from lbi_fx.training import format_table, train_lm, train_side_by_side
 
 TINY = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)
 

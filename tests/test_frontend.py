@@ -27,9 +27,9 @@ from lbi_fx.passes.shape_prop import (
     scalars_per_sample,
 )
 
-from examples.transformer import Block, build, build_export
 from lbi_fx import InputError, RegionSpecError, TraceError, every, verify
 from lbi_fx.cli import main
+from lbi_fx.models.transformer import Block, build, build_export
 from lbi_fx.regions import normalize_regions, parse_region_string
 from tests.models import (
     BatchNormNet,
@@ -480,7 +480,7 @@ def test_report_formats():
 
 # ---------------------------------------------------------------- 6. CLI
 
-GPT_ARGS = ["verify", "examples.transformer:build", "--regions", "layers:2"]
+GPT_ARGS = ["verify", "lbi_fx.models.transformer:build", "--regions", "layers:2"]
 BYPASS_ARGS = ["verify", "tests.models:bypass_factory", "--regions", "blocks:1",
                "--interfaces", "blocks.0.iface,blocks.1.iface,blocks.2.iface"]
 
@@ -516,7 +516,7 @@ def test_cli_interfaces_bypass(at_root, capsys):
     (["verify", "tests.models:no_such_factory", "--regions", "layers:2"], "no callable 'no_such_factory'"),
     (["verify", "tests.models:not_a_tuple_factory", "--regions", "layers:2"], "must return"),
     (["verify", "tests.models:not_a_module_factory", "--regions", "layers:2"], "not an nn.Module"),
-    (["verify", "examples.transformer", "--regions", "layers:2"], "pkg.module:function"),
+    (["verify", "lbi_fx.models.transformer", "--regions", "layers:2"], "pkg.module:function"),
     ([*GPT_ARGS, "--rank", "sixteen"], "--rank 'sixteen'"),
     ([*GPT_ARGS, "--rank", "0"], "InputError"),
     ([*GPT_ARGS, "--rank", "16,16"], "2 entries"),

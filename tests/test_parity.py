@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import lbi_fx
-from examples.transformer import build
-from lbi_fx.testing import gradient_parity
+from lbi_fx.models.transformer import build
+from lbi_fx.testing import default_loss, gradient_parity
 
 TOL = {torch.float64: dict(rel_l2=1e-12, cosine=1 - 1e-12),
        torch.float32: dict(rel_l2=1e-6, cosine=0.999999)}
@@ -55,7 +55,18 @@ def test_dropout_changes_gradients_but_stays_exact(dtype):
     b = gradient_parity(lbi, (idx,), seed=2)
     a.assert_close(**TOL[dtype])
     b.assert_close(**TOL[dtype])
-    assert a.loss != b.loss
+    ga, gb = _scan_grads(lbi, idx, seed=1), _scan_grads(lbi, idx, seed=2)
+    for name in ("layers.0.mlp.c_fc.weight", "layers.3.attn.c_attn.weight"):  # both regions
+        rel = float((ga[name] - gb[name]).norm() / ga[name].norm())
+        assert rel > 1e-2, f"{name}: dropout masks of two seeds change its gradient by {rel:.1e}"
+
+
+def _scan_grads(lbi, idx, seed: int) -> dict:
+    named = [(n, p) for n, p in lbi.named_parameters() if p.requires_grad]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        grads = torch.autograd.grad(default_loss(lbi(idx)), [p for _, p in named])
+    return {n: g for (n, _), g in zip(named, grads)}
 
 
 def test_parity_detects_a_wrong_gradient():
@@ -79,3 +90,48 @@ def test_parity_detects_a_wrong_gradient():
         lbi._compiled = None
     with pytest.raises(AssertionError):
         report.assert_close(**TOL[torch.float64])
+    assert report.complete and not report.ok  # ok means "within tolerance", not "complete"
+
+
+class _Faulty(torch.nn.Module):
+    """Stands in for an LBI module whose "scan" mode is wrong in one chosen place only."""
+
+    def __init__(self, fault: str):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3).double()
+        self.fault, self.backward = fault, "scan"
+
+    def lbi_verify(self, **_):
+        raise NotImplementedError
+
+    def forward(self, x):
+        if self.backward == "scan" and self.fault == "input":
+            x = _ScaleGrad.apply(x)  # same value, input gradient off by 1e-3
+        y = self.lin(x)
+        return y + 1e-3 if self.backward == "scan" and self.fault == "loss" else y
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * (1 + 1e-3)
+
+
+def _linear_loss(y):  # parameter gradients do not see a constant shift of y
+    return (y * torch.arange(1.0, 4.0, dtype=y.dtype)).sum()
+
+
+@pytest.mark.parametrize("fault", ["input", "loss"])
+def test_parity_compares_input_gradients_and_losses(fault):
+    """A wrong input gradient or a different loss (same parameter gradients) fails."""
+    x = torch.randn(5, 4, dtype=torch.float64)
+    report = gradient_parity(_Faulty(fault), (x,), _linear_loss)
+    assert report.n_params == 2 and report.n_inputs == 1
+    assert not report.ok, report
+    with pytest.raises(AssertionError, match="input 0" if fault == "input" else "loss"):
+        report.assert_close(**TOL[torch.float64])
+    assert gradient_parity(_Faulty("none"), (x,), _linear_loss).ok

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
 
 import lbi_fx
-from examples.transformer import build
+from lbi_fx import runtime
+from lbi_fx.models.transformer import build
 from lbi_fx.testing import gradient_parity
 from tests.test_rewrite import LongSkip, _idx
 
@@ -49,11 +51,38 @@ def test_forward_mode_refused_where_an_op_has_no_rule_and_auto_falls_back():
     gradient_parity(lbi, (idx,)).assert_close(**TOL[torch.float64])
 
 
-def test_auto_can_pick_forward_mode():
+@pytest.mark.parametrize("cost, picked, batched", [
+    ({"forward": 3, "batched": 1, "rows": 2}, "reuse", True),
+    ({"forward": 1, "batched": 2, "rows": 3}, "forward", None),
+    ({"forward": 3, "batched": 2, "rows": 1}, "reuse", False),
+    ({"forward": 1, "batched": 2, "rows": 3, "first call": 10}, "forward", None),
+], ids=["batched-fastest", "forward-fastest", "rows-fastest", "forward-warm-up"])
+def test_auto_keeps_the_fastest_strategy_that_works(cost, picked, batched, monkeypatch):
+    """The probe times forward mode, batched VJPs and per-row VJPs per region and keeps
+    the fastest. Costs here are on a virtual clock; "first call" is a one-off set-up
+    cost of the first call of a strategy (real forward mode pays seconds), which must
+    not decide region 0's choice."""
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(runtime, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+    real, seen = dict(runtime._JACOBIANS), set()
+
+    def priced(name):
+        def jac(state, k):
+            kind = name if name == "forward" else (
+                "batched" if state.batched_ok.get(k, True) else "rows")
+            clock.now += cost[kind] + (cost.get("first call", 0) if kind not in seen else 0)
+            seen.add(kind)
+            return real[name](state, k)
+        return jac
+
+    for name in ("forward", "reuse"):
+        monkeypatch.setitem(runtime._JACOBIANS, name, priced(name))
     idx = _idx()
     lbi = lbi_fx.transform(LongSkip(), lbi_fx.every(1, "blocks"), rank=4, example_inputs=(idx,))
-    assert set(lbi._jacobian_choice) == {0, 1, 2}
-    assert set(lbi._jacobian_choice.values()) <= {"forward", "reuse"}
+    assert lbi._jacobian_choice == {0: picked, 1: picked, 2: picked}
+    if batched is not None:
+        assert lbi._batched_ok == {0: batched, 1: batched, 2: batched}
+    gradient_parity(lbi, (idx,)).assert_close(**TOL[torch.float32])
 
 
 def test_recompute_keeps_no_region_graph():
@@ -89,3 +118,14 @@ def test_bench_step_json(capsys):
         assert key in out
     assert out["strategy"].startswith("auto") and len(out["jacobian_s"]) == 1
     assert out["eta"] > 0 and 0 < out["scan_share"] < 1 and out["peak_memory_autograd"] > 0
+    # the figures are what their definitions say, from the times reported beside them
+    # (one step: every time is that step's, so phases must fit inside their pass)
+    close = lambda a, b: a == pytest.approx(b, rel=1e-9)  # noqa: E731
+    assert close(out["step_ratio"], (out["lbi_forward_s"] + out["lbi_backward_s"])
+                 / (out["autograd_forward_s"] + out["autograd_backward_s"]))
+    assert close(out["eta"], sum(out["jacobian_s"]) / (out["rank"] * sum(out["forward_region_s"])))
+    assert close(out["peak_memory_ratio"], out["peak_memory_lbi"] / out["peak_memory_autograd"])
+    assert close(out["span_parallel_s"], max(out["jacobian_s"]) + out["scan_s"]
+                 + max(out["local_s"] + [out["seed_s"]]))
+    assert sum(out["jacobian_s"]) + out["seed_s"] + sum(out["local_s"]) < out["lbi_backward_s"]
+    assert sum(out["forward_region_s"]) < out["lbi_forward_s"]

@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import lbi_fx
+from lbi_fx.bench import standalone
 from lbi_fx.kernels import suffix_scan
 from lbi_fx.runtime import STRATEGIES
 
@@ -38,16 +39,8 @@ MODELS = ("transformer", "mamba2", "hybrid")
 
 def _build(name: str, layers: int, width: int, batch: int, seq: int):
     import importlib
-    import os
 
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        mod = importlib.import_module(f"examples.{name}")
-    except ImportError as exc:
-        raise lbi_fx.InputError(
-            f"--model {name}: cannot import examples.{name} ({exc}); run from the repository root"
-        ) from None
+    mod = importlib.import_module(f"lbi_fx.models.{name}")
     import inspect
 
     params = inspect.signature(mod.build).parameters
@@ -84,10 +77,14 @@ class _LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # an output sharing an input's storage (a view, an in-place or out= result) is not
+        # an allocation: without this, slicing a tensor made before the mode counted it
+        inputs = {id(a.untyped_storage()) for a in tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor) and a.device.type == "cpu"}
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                 st = t.untyped_storage()
-                if id(st) not in self.live and st.nbytes() > 0:
+                if id(st) not in self.live and id(st) not in inputs and st.nbytes() > 0:
                     self.live[id(st)] = st.nbytes()
                     self.cur += st.nbytes()
                     self.peak = max(self.peak, self.cur)
@@ -229,22 +226,33 @@ def format_report(m: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="lbi-fx bench step", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="transformer", choices=MODELS)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--jacobian", default="auto", choices=list(STRATEGIES))
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The flags of ``lbi-fx bench step``."""
+    ap.add_argument("--model", default="transformer", choices=MODELS,
+                    help="example model from lbi_fx.models (default transformer)")
+    ap.add_argument("--rank", type=int, default=16, help="interface rank r (default 16)")
+    ap.add_argument("--jacobian", default="auto", choices=list(STRATEGIES),
+                    help="how region Jacobians are computed (default auto)")
     ap.add_argument("--chunk", type=int, default=None, help="rows per rerun for recompute")
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--region-size", type=int, default=2)
-    ap.add_argument("--width", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args(argv)
+    ap.add_argument("--layers", type=int, default=6, help="blocks in the model (default 6)")
+    ap.add_argument("--region-size", type=int, default=2, help="blocks per region (default 2)")
+    ap.add_argument("--width", type=int, default=64, help="model width (default 64)")
+    ap.add_argument("--batch", type=int, default=8, help="default 8")
+    ap.add_argument("--seq", type=int, default=64, help="sequence length (default 64)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="default: cuda if available")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--json", action="store_true", help="print the measurements as JSON")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point: parse ``argv`` with :func:`add_arguments`, then :func:`run`."""
+    return standalone(sys.modules[__name__], "step", argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``lbi-fx bench step``; returns the process exit status."""
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -2,8 +2,8 @@
 
 The stack repeats groups of ``period`` layers, ``period - 1`` Mamba-2 blocks then one
 attention block (3 + 1 by default, as in the paper's hybrid backend). The Mamba-2 blocks
-and the LM wrapper come from :mod:`examples.mamba2`; the attention block is the GPT
-block of :mod:`examples.transformer` (pre-norm causal self-attention + MLP). There is no
+and the LM wrapper come from :mod:`lbi_fx.models.mamba2`; the attention block is the GPT
+block of :mod:`lbi_fx.models.transformer` (pre-norm causal self-attention + MLP). There is no
 position table: the SSM blocks are causal recurrences and give positions to the
 attention that follows them.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from examples.mamba2 import (
+from lbi_fx.models.mamba2 import (
     LM,
     Mamba2Config,
     MambaBlock,
@@ -25,7 +25,7 @@ from examples.mamba2 import (
     resolve_backend,
     rng_devices,
 )
-from examples.transformer import Block, GPTConfig
+from lbi_fx.models.transformer import Block, GPTConfig
 
 __all__ = ["build", "hybrid_layers", "leaf_modules"]
 
@@ -60,7 +60,7 @@ def build(
     device: str = "cpu",
     backend: str = "auto",
 ) -> tuple[LM, tuple[torch.Tensor]]:
-    """Factory for the CLI (``examples.hybrid:build``): (model, (idx,))."""
+    """Factory for the CLI (``lbi_fx.models.hybrid:build``): (model, (idx,))."""
     cfg = Mamba2Config(n_layer=n_layer, d_model=d_model, d_state=d_state, headdim=headdim,
                        expand=expand, chunk_size=chunk_size, tie_weights=tie_weights)
     use_ssm = resolve_backend(backend, device)

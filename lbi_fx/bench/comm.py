@@ -2,7 +2,7 @@
 parallelism vs a pipeline-parallel baseline, from one real multi-process run.
 
 It spawns ``--world`` processes itself (gloo on 127.0.0.1, a free port), builds
-``examples.transformer`` with K regions of ``--layers-per-region`` blocks, and runs one
+``lbi_fx.models.transformer`` with K regions of ``--layers-per-region`` blocks, and runs one
 step of each:
 
 * LBI (``lbi_fx.distributed.RegionParallel``): backward bytes = the one J all-gather
@@ -24,21 +24,21 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
+
+from lbi_fx.bench import standalone
+from lbi_fx.errors import InputError
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 
 
 def _build(cfg: dict):
     """(lbi, baseline model, idx, targets, regions as layer lists) on this rank."""
-    root = str(Path(__file__).resolve().parents[1])
-    for p in (os.getcwd(), root):
-        if p not in sys.path:
-            sys.path.insert(0, p)
     import lbi_fx
-    from examples.transformer import build
+    from lbi_fx.models.transformer import build
 
     K, lpr = cfg["k"], cfg["layers_per_region"]
     kw = dict(n_layer=K * lpr, n_embd=cfg["dim"], n_head=cfg["heads"],
@@ -46,9 +46,9 @@ def _build(cfg: dict):
     torch.manual_seed(0)  # interface modules draw from the global RNG
     model, _ = build(batch=2, seq=8, **kw)  # small example: capture is shape-generic
     layers = [[k * lpr + i for i in range(lpr)] for k in range(K)]
-    lbi = lbi_fx.transform(model, regions=[[f"layers.{i}" for i in ls] for ls in layers],
-                           rank=cfg["rank"], example_inputs=(torch.zeros(2, 8, dtype=torch.long),),
-                           jacobian="reuse")
+    with warnings.catch_warnings():  # --pool mean on a causal GPT is the user's explicit choice
+        warnings.simplefilter("ignore", lbi_fx.CausalityWarning)
+        lbi = _transform(model, layers, cfg)
     dtype = DTYPES[cfg["dtype"]]
     lbi = lbi.to(dtype)
     base, _ = build(batch=2, seq=8, **kw)
@@ -102,7 +102,21 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
         dist.destroy_process_group()
 
 
-def run(cfg: dict) -> dict:
+def check_config(cfg: dict) -> None:
+    """Bad sizes fail here, on one line, rather than inside the spawned ranks."""
+    from lbi_fx.distributed import placement
+
+    for key in ("rank", "batch", "seq", "dim", "heads", "layers_per_region", "steps", "threads"):
+        if cfg[key] < 1:
+            raise InputError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
+    if cfg["k"] < 2:
+        raise InputError(f"--k {cfg['k']}: LBI needs at least 2 regions (one boundary)")
+    if cfg["dim"] % cfg["heads"]:
+        raise InputError(f"--dim {cfg['dim']} must be a multiple of --heads {cfg['heads']}")
+    placement(cfg["k"], cfg["world"])  # InputError when the ranks cannot all get a region
+
+
+def spawn_run(cfg: dict) -> dict:
     """One multi-process run; returns rank 0's summary."""
     import torch.multiprocessing as mp
 
@@ -161,11 +175,24 @@ def _kb(b: float) -> str:
     return f"{b / 1024:,.1f} KiB"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="lbi-fx bench comm", description=__doc__.split("\n\n")[0])
+
+def _transform(model, layers: list[list[int]], cfg: dict):
+    import lbi_fx
+
+    return lbi_fx.transform(model, regions=[[f"layers.{i}" for i in ls] for ls in layers],
+                            rank=cfg["rank"], example_inputs=(torch.zeros(2, 8, dtype=torch.long),),
+                            jacobian="reuse", pool=cfg.get("pool", "mean"),
+                            **({"max_len": cfg["seq"]} if cfg.get("pool") in ("causal", "auto")
+                               else {}))
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The flags of ``lbi-fx bench comm``."""
     ap.add_argument("--k", type=int, default=None, help="regions (default 7)")
     ap.add_argument("--world", type=int, default=None, help="ranks (default: K)")
     ap.add_argument("--rank", type=int, default=None, help="interface rank r (default 64)")
+    ap.add_argument("--pool", choices=["mean", "last", "causal", "auto"], default="mean",
+                    help="interface pool (default mean: the paper's configuration, one row "
+                         "of r; causal carries S rows, so J is (S r)^2)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16")
     ap.add_argument("--batch", type=int, default=None, help="default 1")
     ap.add_argument("--seq", type=int, default=None, help="default 1024")
@@ -176,22 +203,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timed", action="store_true",
                     help="backward critical path vs pipeline backward for K = world in "
                          "--worlds (defaults there: D=256, L=256, r=32, fp32, 2 blocks/region)")
-    ap.add_argument("--worlds", default="2,4")
+    ap.add_argument("--worlds", default="2,4", help="worlds for --timed (default 2,4)")
     ap.add_argument("--steps", type=int, default=None, help="steps (timed: first is warm-up)")
-    ap.add_argument("--json", action="store_true")
-    a = ap.parse_args(argv)
+    ap.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point: parse ``argv`` with :func:`add_arguments`, then :func:`run`."""
+    return standalone(sys.modules[__name__], "comm", argv)
+
+
+def run(a: argparse.Namespace) -> int:
+    """``lbi-fx bench comm``; returns the process exit status."""
     defaults = dict(k=7, rank=64, dtype="bf16", batch=1, seq=1024, dim=768, heads=12,
                     layers_per_region=1, steps=1)
     if a.timed:
         defaults.update(dim=256, heads=4, seq=256, rank=32, dtype="fp32", layers_per_region=2,
                         steps=3)
     cfg = {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in defaults.items()}
-    cfg.update(world=a.world or cfg["k"], threads=a.threads)
+    cfg.update(world=cfg["k"] if a.world is None else a.world, threads=a.threads, pool=a.pool)
     if a.timed:
+        try:
+            worlds = [int(x) for x in a.worlds.split(",")]
+        except ValueError:
+            raise InputError(f"--worlds {a.worlds!r}: expected comma-separated ints") from None
+        for w in worlds:
+            check_config(dict(cfg, k=w, world=w))
         rows = []
-        for w in (int(x) for x in a.worlds.split(",")):
+        for w in worlds:
             c = dict(cfg, k=w, world=w)
-            res = run(c)
+            res = spawn_run(c)
             rows.append(dict(summarize(c, res), **_critical_path(res)))
         if a.json:
             print(json.dumps(rows, indent=1))
@@ -209,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                 for j, t in enumerate(r["lbi_per_rank"]):
                     print("    rank", j, " ".join(f"{k}={v:.3f}" for k, v in t.items()))
         return 0
-    s = summarize(cfg, run(cfg))
+    check_config(cfg)
+    s = summarize(cfg, spawn_run(cfg))
     if a.json:
         print(json.dumps(s, indent=1))
         return 0

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from lbi_fx.bench import standalone
 from lbi_fx.kernels import suffix_scan, triton_available
 
 FULL_GRID = {"K": (7, 16, 64, 256), "r": (16, 64), "N": (1, 8, 64)}
@@ -23,11 +24,8 @@ QUICK_GRID = {"K": (7, 64), "r": (16,), "N": (1, 8)}
 NO_CUDA = "n/a (no CUDA)"
 
 
-def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="lbi-fx bench scan",
-        description="Median times of suffix_scan backends (fp32) vs the sequential loop.",
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``lbi-fx bench scan``."""
     p.add_argument("--json", action="store_true", help="print a JSON list of row dicts")
     p.add_argument(
         "--device",
@@ -44,7 +42,6 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         help="torch CPU threads for the run (default: torch's); 1 gives stable timings on a "
         "shared machine, where intra-op threads of tiny GEMMs stall when cores are busy",
     )
-    return p.parse_args(argv)
 
 
 def _chain(N: int, K: int, r: int, device: str) -> torch.Tensor:
@@ -77,7 +74,7 @@ def _median_ms(fn: Callable[[], object], repeat: int, device: str) -> float:
     return statistics.median(times)
 
 
-def run(device: str, repeat: int, quick: bool) -> list[dict]:
+def measure_grid(device: str, repeat: int, quick: bool) -> list[dict]:
     """Time every grid point; return one dict per (K, r, N)."""
     grid = QUICK_GRID if quick else FULL_GRID
     with_triton = device == "cuda" and triton_available()
@@ -128,9 +125,13 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    """Entry point of ``lbi-fx bench scan``; returns the process exit status."""
-    args = _parse(argv)
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point: parse ``argv`` with :func:`add_arguments`, then :func:`run`."""
+    return standalone(sys.modules[__name__], "scan", argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``lbi-fx bench scan``; returns the process exit status."""
     if args.repeat < 1:
         print("lbi-fx bench scan: --repeat must be >= 1", file=sys.stderr)
         return 2
@@ -144,7 +145,7 @@ def main(argv: list[str]) -> int:
     try:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
-        rows = run(args.device, args.repeat, args.quick)
+        rows = measure_grid(args.device, args.repeat, args.quick)
     finally:
         torch.set_num_threads(saved_threads)
     if args.json:
@@ -160,4 +161,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    raise SystemExit(main())

@@ -330,7 +330,7 @@ def build(
     device: str = "cpu",
     backend: str = "auto",
 ) -> tuple[LM, tuple[torch.Tensor]]:
-    """Factory for the CLI (``examples.mamba2:build``): (model, (idx,)).
+    """Factory for the CLI (``lbi_fx.models.mamba2:build``): (model, (idx,)).
 
     On CPU (or ``backend="torch"``) the model is fx-traceable; with mamba-ssm on CUDA
     transform it with ``leaf_modules=leaf_modules(model)``.

@@ -178,7 +178,7 @@ def build(
     dropout: float = 0.0,
     seed: int = 0,
 ) -> tuple[GPT, tuple[torch.Tensor]]:
-    """Factory for the CLI (``examples.transformer:build``): (model, (idx,)), fx-traceable."""
+    """Factory for the CLI (``lbi_fx.models.transformer:build``): (model, (idx,)), fx-traceable."""
     return _build(
         False, n_layer, n_embd, n_head, block_size, batch, seq, tie_weights, dropout, seed
     )

@@ -1,7 +1,7 @@
 """Minimal, model-agnostic language-model training loop for the lbi-fx demo.
 
-Works with anything that maps ``idx (B, T) int64 -> logits (B, T, V)``: the eager GPT in
-``examples/transformer.py`` and the LBI-rewritten module produced by lbi-fx alike. Batches
+Works with anything that maps ``idx (B, T) int64 -> logits (B, T, V)``: the eager GPT of
+:mod:`lbi_fx.models.transformer` and the LBI-rewritten module produced by lbi-fx alike. Batches
 come from a generator seeded by ``seed``, so two models trained with the same seed see the
 exact same byte windows in the same order; that is what makes ``train_side_by_side`` a
 fair comparison. Validation always uses the same fixed val batches, for the same reason.
@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from examples.data import ByteCorpus
+from lbi_fx.data import ByteCorpus
 
 
 def _device_of(model: nn.Module) -> torch.device:
