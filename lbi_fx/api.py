@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from torch import nn
 
 from lbi_fx.analysis import analyze, normalize_rank, separator_report
-from lbi_fx.errors import InputError
+from lbi_fx.errors import InputError, RewriteError
+from lbi_fx.interfaces import POOLS, Segments
+from lbi_fx.passes.shape_prop import output_tensor
 from lbi_fx.regions import RegionSpec
 from lbi_fx.report import SeparatorReport
 
@@ -21,19 +24,25 @@ def verify(
     interfaces: Sequence | None = None,
     leaf_modules: Iterable[type | str] = (),
 ) -> SeparatorReport:
-    """Check the vertex-separator condition at every region boundary.
+    """Check the vertex-separator condition at every region boundary, and causality.
 
     With ``rank=r`` a boundary holds iff its minimum separator is at most r scalars per
     sample (Def. 2.4); with ``interfaces=[...]`` (one module path or node per boundary)
     it holds iff removing those outputs cuts every dynamic path (Def. A.1). A model
-    returned by ``transform`` carries its own regions and rank.
+    returned by ``transform`` carries its own regions and rank. ``report.causality`` says
+    whether the model (and its LBI rewrite) is causal along axis 1, measured by a probe.
     """
     if hasattr(model, "lbi_verify"):
         if regions is not None:
             raise InputError("an LBI module carries its own regions; call verify(lbi, example_inputs=...)")
         return model.lbi_verify(example_inputs=example_inputs, rank=rank, interfaces=interfaces)
+    from lbi_fx.causality import Causality, probe_causal
+
     a = analyze(model, regions, example_inputs, leaf_modules=leaf_modules)
-    return separator_report(a.gm, a.regions, a.batch, rank=rank, interfaces=interfaces)
+    report = separator_report(a.gm, a.regions, a.batch, rank=rank, interfaces=interfaces)
+    causal, leak, why = probe_causal(a.gm, a.example_inputs)
+    report.causality = Causality(model_causal=causal, model_leak=leak, note=why)
+    return report
 
 
 def transform(
@@ -43,7 +52,9 @@ def transform(
     *,
     example_inputs: Sequence[object],
     encoder: str = "mlp",
-    pool: str = "mean",
+    pool: str = "auto",
+    segment_len: int | None = None,
+    max_len: int | None = None,
     canvas: str | None = None,
     jacobian: str = "auto",
     chunk: int | None = None,
@@ -52,6 +63,15 @@ def transform(
     check_finite: bool = False,
 ):
     """Rewrite ``model`` into a bounded-interface model whose backward is Algorithm 1.
+
+    ``pool`` says how an interface summarises the sequence axis (axis 1, batch first):
+    ``"causal"`` cuts it into S = ceil(max_len / segment_len) fixed segments and carries
+    S rows of ``rank`` scalars, row s summarising positions before segment s, so no
+    position sees a later one; ``"mean"`` / ``"last"`` (the paper's Eq. 5) pool every
+    position into one row, which lets a causal model see the future. ``"auto"`` (default)
+    probes the captured model: causal along axis 1 -> ``"causal"``, else ``"mean"``;
+    ``lbi.pool`` holds the choice. ``max_len`` defaults to the example inputs' sequence
+    length, ``segment_len`` to ceil(max_len / 4).
 
     The result shares parameters with ``model`` (deep-copy the model first for an
     independent copy). Raises an ``LBIError`` subclass naming the culprit when the
@@ -80,28 +100,36 @@ def transform(
     _check_float(a)
     check_batch_mixing(a.gm, K, a.batch)
     check_state_writes(a.gm, K)
+    layout = choose_pool(a, pool, segment_len=segment_len, max_len=max_len, canvas=canvas)
+    rows = layout.segments.count if layout.segments is not None else 1
+    widths = [r * rows for r in ranks]  # scalars per sample each m_k carries
     dense = separator_report(a.gm, a.regions, a.batch)
     for b in dense.boundaries:
-        if b.min_cut_scalars and ranks[b.index - 1] >= b.min_cut_scalars:
+        if b.min_cut_scalars and widths[b.index - 1] >= b.min_cut_scalars:
             warnings.warn(
-                f"lbi-fx: rank {ranks[b.index - 1]} at boundary {b.index} is not below the dense "
-                f"separator ({b.min_cut_scalars} scalars per sample): the interface compresses "
-                "nothing", stacklevel=2)
+                f"lbi-fx: interface {b.index} carries {widths[b.index - 1]} scalars per sample "
+                f"(rank {ranks[b.index - 1]} x {rows} segment(s)), not below the dense separator "
+                f"({b.min_cut_scalars} scalars per sample): the interface compresses nothing",
+                stacklevel=2)
     info = getattr(a.gm.graph._codegen, "pytree_info", None)
-    plan = insert_interfaces(a.gm, K, ranks, encoder=encoder, pool=pool, canvas=canvas)
+    plan = insert_interfaces(a.gm, K, ranks, encoder=encoder, pool=layout.pool, canvas=canvas,
+                             segments=layout.segments)
     propagate_shapes(a.gm, a.example_inputs)
     mark_dynamic(a.gm)
-    report = separator_report(a.gm, a.regions, a.batch, rank=ranks)
+    report = separator_report(a.gm, a.regions, a.batch, rank=widths)
     if not report.ok:
         raise SeparatorError(
             "the rewritten model still has a boundary wider than its rank - a bug in the "
             f"rewrite; please report it:\n{report}", report)
     programs = split_places(a.gm, K, plan.m_nodes)
-    lbi = LBIModule(a.gm, programs, a.regions, ranks, pytree_info=info, jacobian=jacobian,
+    lbi = LBIModule(a.gm, programs, a.regions, widths, pytree_info=info, jacobian=jacobian,
                     chunk=chunk, scan_backend=scan_backend, check_finite=check_finite,
                     capture=a.gm.meta.get("lbi_capture", ""))
     lbi.canvas = plan.canvas
-    lbi.pool = pool
+    lbi.pool = layout.pool
+    lbi.rank_per_row = list(ranks)
+    lbi.segments = layout.segments
+    lbi.model_causal = layout.model_causal
     probe_batch_mixing(lbi, a.example_inputs)
     trial_backward(lbi, a.example_inputs)
     return lbi
@@ -115,3 +143,53 @@ def _check_float(a) -> None:
         raise RewriteError(
             "the model has no floating-point parameters; LBI rewrites trainable float models "
             "(convert with .float() first)")
+
+
+@dataclass
+class PoolChoice:
+    """How the interfaces pool the sequence, and the probe result behind the choice."""
+
+    pool: str
+    segments: Segments | None
+    model_causal: bool | None
+    leak: float | None = None
+
+
+def choose_pool(a, pool: str, *, segment_len: int | None = None, max_len: int | None = None,
+                canvas: str | None = None) -> PoolChoice:
+    """Resolve ``pool="auto"`` by probing the captured model for causality along axis 1,
+    and warn when an explicit leaky pool meets a causal model."""
+    import warnings
+
+    from lbi_fx.causality import CausalityWarning, probe_causal
+    from lbi_fx.passes.insert_interfaces import causal_layout_problem, crossing_sets, find_canvas
+
+    if pool not in POOLS:
+        raise InputError(f"pool={pool!r}: choose one of {', '.join(POOLS)}")
+    if pool in ("mean", "last") and (segment_len is not None or max_len is not None):
+        raise InputError(f"segment_len= and max_len= shape causal interfaces; pool={pool!r} "
+                         "takes neither")
+    causal, leak, why = probe_causal(a.gm, a.example_inputs)
+    canvas_node = find_canvas(a.gm, canvas)
+    problem = causal_layout_problem(canvas_node, crossing_sets(a.gm, a.num_regions))
+    if pool == "auto":
+        pool = "causal" if causal and problem is None else "mean"
+        if causal and problem is not None:
+            warnings.warn(
+                f"lbi-fx: the model is causal along axis 1 but causal interfaces cannot carry "
+                f"it ({problem}); using pool='mean', through which later positions reach "
+                "earlier ones", CausalityWarning, stacklevel=3)
+    elif pool in ("mean", "last") and causal:
+        warnings.warn(
+            f"lbi-fx: pool={pool!r} on a model that is causal along axis 1: every interface "
+            "pools all positions, so earlier positions see later ones through m_k and one-"
+            "forward losses understate the true loss. Use pool='causal' (or 'auto')",
+            CausalityWarning, stacklevel=3)
+    segments = None
+    if pool == "causal":
+        if problem is not None:
+            raise RewriteError(f"pool='causal': {problem}")
+        length = output_tensor(canvas_node).shape[1]
+        segments = Segments.make(length if max_len is None else max_len, segment_len)
+        segments.check(length)
+    return PoolChoice(pool, segments, causal, leak)

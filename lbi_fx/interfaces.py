@@ -7,8 +7,12 @@ interface m_k is one node of r scalars per sample: the separator the check count
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+from lbi_fx.errors import InputError, RewriteError
 
 
 def _mlp(d_in: int, hidden: int, d_out: int, kind: str) -> nn.Module:
@@ -17,11 +21,43 @@ def _mlp(d_in: int, hidden: int, d_out: int, kind: str) -> nn.Module:
     return nn.Sequential(nn.Linear(d_in, hidden), nn.SiLU(), nn.Linear(hidden, d_out))
 
 
+POOLS = ("auto", "causal", "mean", "last")
+
+
+@dataclass(frozen=True)
+class Segments:
+    """The causal layout: the sequence axis (axis 1) cut into ``count`` fixed segments of
+    ``length`` positions. Boundaries are absolute positions, so a shorter input sees the
+    same segments as the example (a prefix of them); ``max_len`` bounds the input."""
+
+    count: int
+    length: int
+    max_len: int
+
+    @staticmethod
+    def make(max_len: int, segment_len: int | None = None) -> Segments:
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+            raise InputError(f"max_len={max_len!r}: the longest sequence the interface takes, an int >= 1")
+        if segment_len is None:
+            segment_len = -(-max_len // 4)
+        if isinstance(segment_len, bool) or not isinstance(segment_len, int) or segment_len < 1:
+            raise InputError(f"segment_len={segment_len!r}: positions per segment, an int >= 1")
+        return Segments(-(-max_len // segment_len), segment_len, max_len)
+
+    def check(self, length: int) -> None:
+        if length > self.max_len:
+            raise InputError(
+                f"sequence length {length} exceeds max_len={self.max_len} of the causal "
+                f"interface (segments of {self.length} positions at fixed offsets); transform "
+                f"again with max_len >= {length}")
+
+
 def pool(x: torch.Tensor, how: str) -> torch.Tensor:
     """(B, ..., D) -> (B, D): never pools over the batch axis.
 
     ``"mean"`` averages every axis but batch and features; ``"last"`` takes the last
-    position (a causal choice: position t never sees later tokens through m_k).
+    position. Both reach every position, later ones included: in a causal model they
+    leak the future into earlier positions through m_k (``"causal"`` does not).
     """
     if x.dim() == 1:
         return x.unsqueeze(-1)
@@ -31,38 +67,97 @@ def pool(x: torch.Tensor, how: str) -> torch.Tensor:
     return flat.mean(dim=1) if how == "mean" else flat[:, -1]
 
 
+def prefix_pool(x: torch.Tensor, seg: Segments) -> torch.Tensor:
+    """(B, L, ..., D) -> (B, S, D): row s is the mean of x over positions strictly before
+    segment s (zeros for s = 0), so row s never sees segment s or anything after it."""
+    seg.check(x.shape[1])
+    x = x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1]).mean(dim=2) if x.dim() > 3 else x
+    B, L, D = x.shape
+    full = seg.count * seg.length
+    sums = torch.nn.functional.pad(x, (0, 0, 0, full - L)).reshape(B, seg.count, seg.length, D)
+    sums = sums.sum(dim=2)
+    # exclusive prefix sums: row s adds segments 0..s-1 only (a cumsum minus its own
+    # segment would let segment s's values into row s through rounding)
+    before = torch.nn.functional.pad(sums[:, :-1], (0, 0, 1, 0)).cumsum(dim=1)
+    starts = torch.arange(seg.count, device=x.device) * seg.length
+    counts = starts.clamp(max=L).clamp(min=1).to(x.dtype)
+    return before / counts[:, None]
+
+
+def spread(d: torch.Tensor, length: int, seg: Segments) -> torch.Tensor:
+    """(B, S, D) -> (B, length, D): position t reads row t // segment_len."""
+    seg.check(length)
+    B, S, D = d.shape
+    return d[:, :, None, :].expand(B, S, seg.length, D).reshape(B, S * seg.length, D)[:, :length]
+
+
 class InterfaceEncoder(nn.Module):
     """m_{k+1} = LN(m_k + tanh(a_k) * Enc_k(cat(pool(y) for y in crossing outputs))).
 
-    Without ``m`` (the entry interface) it is m_0 = LN(Enc_in(pool(canvas))).
+    Without ``m`` (the entry interface) it is m_0 = LN(Enc_in(pool(canvas))). With
+    ``segments`` (``pool="causal"``) every quantity has one row per segment, carried flat
+    as (B, S * r): row s pools positions before segment s, LayerNorm acts per row.
     """
 
     def __init__(self, in_features: list[int], rank: int, hidden: int, *, kind: str = "mlp",
-                 pool: str = "mean", residual: bool = True, in_rank: int | None = None):
+                 pool: str = "mean", residual: bool = True, in_rank: int | None = None,
+                 segments: Segments | None = None):
         super().__init__()
+        if (pool == "causal") != (segments is not None):
+            raise RewriteError("pool='causal' needs a segment layout, and only it takes one "
+                               "(a bug in lbi-fx's rewrite; please report it)")
         self.rank = rank
         self.in_rank = rank if in_rank is None else in_rank
         self.in_features = list(in_features)
         self.pool = pool
+        self.segments = segments
         self.residual = residual
         self.net = _mlp(sum(in_features), hidden, rank, kind) if in_features else None
         self.alpha = nn.Parameter(torch.tensor(0.5)) if residual else None
         self.norm = nn.LayerNorm(rank)
 
+    @property
+    def rows(self) -> int:
+        return self.segments.count if self.segments is not None else 1
+
     def forward(self, m: torch.Tensor | None, *ys: torch.Tensor) -> torch.Tensor:
         z = None
         if self.net is not None:
-            z = self.net(torch.cat([pool(y, self.pool) for y in ys], dim=-1))
+            if self.segments is not None:
+                pooled = [prefix_pool(y, self.segments) for y in ys]
+            else:
+                pooled = [pool(y, self.pool) for y in ys]
+            z = self.net(torch.cat(pooled, dim=-1))  # (B, r) or (B, S, r)
         if not self.residual:
-            return self.norm(z)
+            return self.norm(z).flatten(1)
+        m = m.reshape(m.shape[0], self.rows, self.in_rank)
         if self.in_rank != self.rank:  # interfaces of different widths: truncate or zero-pad
-            m = m[:, : self.rank] if self.in_rank > self.rank else torch.nn.functional.pad(
+            m = m[..., : self.rank] if self.in_rank > self.rank else torch.nn.functional.pad(
                 m, (0, self.rank - self.in_rank))
-        return self.norm(m if z is None else m + torch.tanh(self.alpha) * z)
+        if z is not None and self.segments is None:
+            z = z[:, None, :]
+        return self.norm(m if z is None else m + torch.tanh(self.alpha) * z).flatten(1)
+
+    def first_row(self, m: torch.Tensor) -> torch.Tensor:
+        """Row 0 of the output from m alone: a causal row 0 pools an empty prefix, so
+        it is LN(m[0] + tanh(a) Enc(0)) whatever the region computes (the backward takes
+        its Jacobian rows from here instead of VJPs through the region)."""
+        if self.segments is None or not self.residual:
+            raise RewriteError("first_row is defined for residual causal encoders only "
+                               "(a bug in lbi-fx; please report it)")
+        row = m.reshape(m.shape[0], self.rows, self.in_rank)[:, :1]
+        if self.in_rank != self.rank:
+            row = row[..., : self.rank] if self.in_rank > self.rank else torch.nn.functional.pad(
+                row, (0, self.rank - self.in_rank))
+        if self.net is not None:
+            zero = row.new_zeros(row.shape[0], 1, sum(self.in_features))
+            row = row + torch.tanh(self.alpha) * self.net(zero)
+        return self.norm(row).flatten(1)
 
 
 class InterfaceDecoder(nn.Module):
-    """x_hat = canvas + Dec_k(m_k), broadcast over every axis but batch and features.
+    """x_hat = canvas + Dec_k(m_k), broadcast over every axis but batch and features
+    (with ``segments``: position t of segment s adds Dec_k(m_k[s])).
 
     ``shape`` says how to build the target shape at run time: each entry is either
     ``("canvas", j)`` (take ``canvas.shape[j]``, so batch and sequence stay dynamic) or
@@ -71,17 +166,28 @@ class InterfaceDecoder(nn.Module):
     """
 
     def __init__(self, rank: int, hidden: int, out_features: int, shape: list[tuple[str, int]],
-                 *, kind: str = "mlp", use_canvas: bool = True):
+                 *, kind: str = "mlp", use_canvas: bool = True, segments: Segments | None = None):
         super().__init__()
         self.shape = [tuple(s) for s in shape]
+        if segments is not None and (len(self.shape) < 3 or self.shape[1] != ("canvas", 1)):
+            raise RewriteError("a causal decoder needs the sequence on axis 1 of its target "
+                               "(a bug in lbi-fx's rewrite; please report it)")
+        self.rank = rank
         self.use_canvas = use_canvas
+        self.segments = segments
         self.net = _mlp(rank, hidden, out_features, kind)
 
     def forward(self, m: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
-        d = self.net(m)
         shape = [canvas.shape[v] if how == "canvas" else v for how, v in self.shape]
-        if len(shape) == 1:
-            d = d.reshape(shape)
+        if self.segments is not None:  # position t reads the row of its segment
+            d = self.net(m.reshape(m.shape[0], self.segments.count, self.rank))
+            d = spread(d, shape[1], self.segments)
+            d = d.reshape(d.shape[0], d.shape[1], *([1] * (len(shape) - 3)), d.shape[-1])
+            d = d.expand(shape)
         else:
-            d = d.reshape(d.shape[0], *([1] * (len(shape) - 2)), d.shape[-1]).expand(shape)
+            d = self.net(m)
+            if len(shape) == 1:
+                d = d.reshape(shape)
+            else:
+                d = d.reshape(d.shape[0], *([1] * (len(shape) - 2)), d.shape[-1]).expand(shape)
         return canvas + d if self.use_canvas else d.contiguous()

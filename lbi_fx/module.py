@@ -80,6 +80,7 @@ class LBIModule(nn.Module):
         self._backward = "scan"
         self._compiled = None
         self._batched_ok: dict[int, bool] = {}  # per region: do batched VJPs work? (probed once)
+        self._record: dict = {}  # J_k and suffix products of the last scan backward
 
     # -- configuration -------------------------------------------------------------
     @property
@@ -95,6 +96,16 @@ class LBIModule(nn.Module):
         if mode not in BACKWARD_MODES:
             raise InputError(f"backward={mode!r}: choose one of {', '.join(BACKWARD_MODES)}")
         self._backward = mode
+
+    def __getstate__(self) -> dict:
+        # Built programs are GraphModules rooted at this module; pickling them would ask
+        # FX to re-trace them on load. They are rebuilt on first use instead.
+        state = self.__dict__.copy()
+        state["_compiled"] = None
+        state["_timings"] = None
+        state["_where"] = None
+        state["_record"] = {}
+        return state
 
     def _apply(self, fn, recurse=True):
         # .to()/.double() may replace tensors: rebuild programs that hold references.
@@ -261,6 +272,7 @@ class LBIModule(nn.Module):
                 params=[(i, c["params"][i]) for i in c["region_params"][k]],
                 replay=_replayer(rgm, args, m_slot, picks, rng),
                 kept=keep,
+                **self._head_rows(k, rng),
             )
             if k < last:
                 m = _leaf(cache.outs[0].detach(), force=True)
@@ -283,7 +295,48 @@ class LBIModule(nn.Module):
             timings=timings,
         )
         state.backward_program = self.backward_graph
+        state.record = self._record = {}
         return state, outs
+
+    def _head_rows(self, k: int, rng: RngSnapshot) -> dict:
+        """Region k's causal encoder gives row 0 of m_{k+1} from m_k alone (see
+        ``RegionCache.head``); other interfaces have no such rows. It reruns under the
+        forward's autocast state, as every replay does."""
+        from lbi_fx.interfaces import InterfaceEncoder
+
+        enc = getattr(getattr(self, "lbi", None), f"enc_{k}", None)
+        if not (k < self.num_regions - 1 and isinstance(enc, InterfaceEncoder)
+                and enc.segments is not None and enc.residual):
+            return {}
+
+        def head_rows(m: torch.Tensor) -> torch.Tensor:
+            with rng.replay():
+                return enc.first_row(m)
+
+        return {"head": enc.rank, "head_rows": head_rows}
+
+    def spectra(self) -> list[dict]:
+        """Interface spectra (paper, App. F) of the last scan backward, from the Jacobians
+        and suffix products it built: per J_k = dm_{k+1}/dm_k (boundary k+1), the batch
+        mean of ||J_k||_2, of ||J_k||_F / sqrt(r) and of ||P_k||_2, where
+        P_k = J_k^T ... J_{K-2}^T maps mbar_{K-1} to mbar_k. Products that shrink or grow
+        geometrically with depth show here before they show in the loss."""
+        rec = getattr(self, "_record", None) or {}
+        if "J" not in rec or "P" not in rec:
+            raise InputError("spectra() reads the Jacobians of a scan backward: run a forward and "
+                             "backward with lbi.backward = 'scan' first")
+        out = []
+        for k in sorted(rec["J"]):
+            jac = rec["J"][k].double()
+            suffix = rec["P"][:, k].double()
+            out.append({
+                "boundary": k + 1,
+                "rank": jac.shape[-2],
+                "jac_spectral": float(torch.linalg.matrix_norm(jac, ord=2).mean()),
+                "jac_fro_rms": float((torch.linalg.matrix_norm(jac) / jac.shape[-2] ** 0.5).mean()),
+                "suffix_spectral": float(torch.linalg.matrix_norm(suffix, ord=2).mean()),
+            })
+        return out
 
     @contextmanager
     def profile(self):
@@ -300,6 +353,7 @@ class LBIModule(nn.Module):
                    ) -> SeparatorReport:
         """Separator check of the rewritten graph: every boundary must hold at m_k."""
         from lbi_fx.analysis import separator_report
+        from lbi_fx.causality import Causality, leaky_interfaces, probe_causal
         from lbi_fx.passes.mark_dynamic import mark_dynamic
         from lbi_fx.passes.shape_prop import BATCH_KEY, propagate_shapes
 
@@ -307,9 +361,14 @@ class LBIModule(nn.Module):
         gm.meta["lbi_capture"] = f"lbi_fx.transform ({self.capture})"
         propagate_shapes(gm, example_inputs)
         mark_dynamic(gm)
-        return separator_report(gm, self.regions, gm.meta[BATCH_KEY],
-                                rank=self.ranks if rank is None and interfaces is None else rank,
-                                interfaces=interfaces)
+        report = separator_report(gm, self.regions, gm.meta[BATCH_KEY],
+                                  rank=self.ranks if rank is None and interfaces is None else rank,
+                                  interfaces=interfaces)
+        causal, leak, why = probe_causal(self, example_inputs)
+        report.causality = Causality(
+            model_causal=getattr(self, "model_causal", None), lbi_causal=causal, lbi_leak=leak,
+            leaks=leaky_interfaces(self), note=why)
+        return report
 
 
 def _replayer(rgm, args: list, m_slot: int | None, picks: list[int], rng: RngSnapshot):

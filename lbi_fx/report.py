@@ -49,6 +49,7 @@ class SeparatorReport:
     capture: str = ""
     notes: list[str] = field(default_factory=list)
     graph: dict | None = field(default=None, repr=False)
+    causality: object | None = None  # lbi_fx.causality.Causality, filled by verify
 
     @property
     def ok(self) -> bool:
@@ -62,8 +63,14 @@ class SeparatorReport:
         return [b for b in self.boundaries if not b.ok]
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        causality = self.causality
+        self.causality = None
+        try:
+            d = asdict(self)
+        finally:
+            self.causality = causality
         d.pop("graph")
+        d["causality"] = causality.to_dict() if causality is not None else None
         d["ok"] = self.ok
         d["num_regions"] = self.num_regions
         return d
@@ -101,6 +108,8 @@ class SeparatorReport:
                 lines.append(f"boundary {b.index} witness path (bypasses the interface):")
                 lines.extend(f"    {w.place:>10}  {w.label()}" for w in b.witness)
         lines.extend(f"note: {n}" for n in self.notes)
+        if self.causality is not None:
+            lines.append(str(self.causality))
         lines.append("OK: every boundary holds" if self.ok else
                      f"FAIL: boundaries {', '.join(str(b.index) for b in self.failing())} do not hold")
         return "\n".join(lines)

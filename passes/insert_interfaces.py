@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from lbi_fx.errors import RewriteError
-from lbi_fx.interfaces import InterfaceDecoder, InterfaceEncoder
+from lbi_fx.interfaces import InterfaceDecoder, InterfaceEncoder, Segments
 
 from .capture import MODULE_KEY
 from .mark_dynamic import DATA_KEY, is_dynamic
@@ -130,12 +130,17 @@ def insert_interfaces(
     encoder: str = "mlp",
     pool: str = "mean",
     canvas: str | None = None,
+    segments: Segments | None = None,
 ) -> InterfacePlan:
-    """Rewrite ``gm`` in place; adds ``gm.lbi`` (a ModuleDict of interface modules)."""
+    """Rewrite ``gm`` in place; adds ``gm.lbi`` (a ModuleDict of interface modules).
+
+    ``pool="causal"`` takes ``segments``: every m_k then has S rows of r_k scalars."""
     if encoder not in ("mlp", "linear"):
         raise RewriteError(f"encoder={encoder!r}: choose 'mlp' or 'linear'")
-    if pool not in ("mean", "last"):
-        raise RewriteError(f"pool={pool!r}: choose 'mean' or 'last'")
+    if pool not in ("mean", "last", "causal"):
+        raise RewriteError(f"pool={pool!r}: choose 'causal', 'mean' or 'last'")
+    if (pool == "causal") != (segments is not None):
+        raise RewriteError("pool='causal' and segments= go together (a bug in lbi-fx; please report it)")
     if hasattr(gm, IFACE):
         raise RewriteError(f"the model already has a submodule named {IFACE!r}; rename it")
     K = num_regions
@@ -146,6 +151,11 @@ def insert_interfaces(
     width = c_meta.shape[-1]
     factory = {"dtype": c_meta.dtype}
     xs = crossing_sets(gm, K)
+    if segments is not None:
+        problem = causal_layout_problem(canvas_node, xs)
+        if problem:
+            raise RewriteError(f"pool='causal': {problem}")
+    seg = {"segments": segments}
     mods = nn.ModuleDict()
     keys: dict[fx.Node, tuple[int, float]] = {}
 
@@ -160,10 +170,11 @@ def insert_interfaces(
 
     # m_0 from the canvas alone; region 0 reads canvas + Dec_0(m_0) in place of the canvas.
     m0 = add("enc_in", InterfaceEncoder([width], ranks[0], width, kind=encoder, pool=pool,
-                                        residual=False),
+                                        residual=False, **seg),
              (None, canvas_node), PROLOGUE, order[canvas_node] + 0.5, "m_0")
+    mods["enc_in"].pools_positions = len(c_meta.shape) >= 3
     dec0 = add("dec_0_0", InterfaceDecoder(ranks[0], width, width, _target_shape(c_meta.shape, c_meta.shape),
-                                           kind=encoder), (m0, canvas_node), 0, -1.0, "decoder")
+                                           kind=encoder, **seg), (m0, canvas_node), 0, -1.0, "decoder")
     for user in list(canvas_node.users):
         if user is not dec0 and place_of(user) == 0:
             user.replace_input_with(canvas_node, dec0)
@@ -175,15 +186,17 @@ def insert_interfaces(
         emitted = [u if place_of(u) == k - 1 else world[(k - 1, u)] for u in xs[k]]
         feats = [output_tensor(u).shape[-1] if len(output_tensor(u).shape) else 1 for u in xs[k]]
         r_in, r_out = ranks[max(k - 2, 0)] if k > 1 else ranks[0], ranks[k - 1]
-        m_k = add(f"enc_{k - 1}", _encoder(feats, r_in, r_out, width, encoder, pool),
+        m_k = add(f"enc_{k - 1}", InterfaceEncoder(feats, r_out, width, kind=encoder, pool=pool,
+                                                   in_rank=r_in, **seg),
                   (prev, *emitted), k - 1, float("inf"), f"m_{k}")
+        mods[f"enc_{k - 1}"].pools_positions = any(len(output_tensor(u).shape) >= 3 for u in xs[k])
         m_nodes.append(m_k)
         for i, u in enumerate(xs[k]):
             t = output_tensor(u)
             same = tuple(t.shape) == tuple(c_meta.shape)
             dec = add(f"dec_{k}_{i}", InterfaceDecoder(
                 r_out, width, t.shape[-1] if len(t.shape) > 1 else 1,
-                _target_shape(t.shape, c_meta.shape), kind=encoder, use_canvas=same),
+                _target_shape(t.shape, c_meta.shape), kind=encoder, use_canvas=same, **seg),
                 (m_k, canvas_node), k, -1.0 + i * 1e-3, "decoder")
             world[(k, u)] = dec
             last = k == K - 1
@@ -201,8 +214,22 @@ def insert_interfaces(
     )
 
 
-def _encoder(feats: list[int], r_in: int, r_out: int, width: int, kind: str, pool: str) -> nn.Module:
-    return InterfaceEncoder(feats, r_out, width, kind=kind, pool=pool, in_rank=r_in)
+def causal_layout_problem(canvas: fx.Node, crossings: dict[int, list[fx.Node]]) -> str | None:
+    """Why segment-causal interfaces cannot carry this model, or None: they need the
+    sequence on axis 1 (batch first) of the canvas and of every crossing tensor."""
+    c = output_tensor(canvas)
+    if len(c.shape) < 3:
+        return (f"the canvas {canvas.name} has shape {tuple(c.shape)}: there is no sequence "
+                "axis (batch first, sequence on axis 1, features last)")
+    for k, nodes in crossings.items():
+        for u in nodes:
+            t = output_tensor(u)
+            if len(t.shape) < 3 or _target_shape(t.shape, c.shape)[1] != ("canvas", 1):
+                return (f"{u.name} ({module_of(u) or '<top level>'}) crosses into region {k} with "
+                        f"shape {tuple(t.shape)}, whose axis 1 is not the sequence axis of the "
+                        f"canvas {tuple(c.shape)}; keep (batch, sequence, ..., features) at "
+                        "region boundaries")
+    return None
 
 
 def _sort_by_place(gm: fx.GraphModule, order: dict, keys: dict) -> None:

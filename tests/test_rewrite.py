@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lbi_fx
-from examples.transformer import build, build_export
+from lbi_fx.models.transformer import build, build_export
 from lbi_fx.testing import gradient_parity
 
 FP64 = dict(rel_l2=1e-12, cosine=1 - 1e-12)
@@ -80,7 +80,8 @@ def test_long_skip_is_recarried_and_exact(dtype, tol):
     assert {"dec_1_0", "dec_2_0", "dec_2_1", "dec_3_0", "dec_3_1"} <= set(decoders)
     assert lbi.lbi.enc_1.in_features == [12, 12] and lbi.lbi.enc_2.in_features == [12, 12]
     report = lbi_fx.verify(lbi, example_inputs=(idx,))
-    assert report.ok and [b.min_cut_scalars for b in report.boundaries] == [4, 4, 4]
+    S = lbi.segments.count  # a causal model: S rows of r = 4 per interface
+    assert report.ok and [b.min_cut_scalars for b in report.boundaries] == [4 * S] * 3
     gradient_parity(lbi, (idx,)).assert_close(**tol)
 
 
@@ -95,7 +96,8 @@ def test_several_crossings_of_different_widths():
     decs = {n: m for n, m in lbi.lbi.items() if n.startswith("dec_1_")}
     assert sorted(m.net[-1].out_features for m in decs.values()) == [8, 24]
     assert sorted(m.use_canvas for m in decs.values()) == [False, True]
-    assert lbi_fx.verify(lbi, example_inputs=(idx,)).boundaries[0].min_cut_scalars == 3
+    width = 3 * (lbi.segments.count if lbi.segments else 1)
+    assert lbi_fx.verify(lbi, example_inputs=(idx,)).boundaries[0].min_cut_scalars == width
     gradient_parity(lbi, (idx,)).assert_close(**FP64)
 
 
@@ -107,7 +109,8 @@ def test_verify_after_rewrite_holds_at_rank(K, r):
     lbi = lbi_fx.transform(model, lbi_fx.every(1, "layers"), rank=r, example_inputs=(idx,))
     after = lbi_fx.verify(lbi, example_inputs=(idx,))
     assert after.ok
-    assert [b.min_cut_scalars for b in after.boundaries] == [r] * (K - 1)
+    assert lbi.pool == "causal" and lbi.segments.count == 4  # seq 8 in segments of 2
+    assert [b.min_cut_scalars for b in after.boundaries] == [4 * r] * (K - 1)
     assert all(len(b.crossing) == 1 and b.crossing[0].node.startswith("lbi_enc_")
                for b in after.boundaries)
 
@@ -269,7 +272,7 @@ def test_custom_function_without_vmap_falls_back_and_stays_exact():
 def test_inspect_cli_prints_graphs(capsys):
     from lbi_fx.cli import main
 
-    assert main(["inspect", "examples.transformer:build", "--regions", "layers:2",
+    assert main(["inspect", "lbi_fx.models.transformer:build", "--regions", "layers:2",
                  "--rank", "8"]) == 0
     out = capsys.readouterr().out
     assert "rewritten forward graph" in out and "lbi_enc_0" in out
