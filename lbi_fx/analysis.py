@@ -39,11 +39,12 @@ def analyze(
     example_inputs: Sequence[object],
     *,
     leaf_modules: Iterable[type | str] = (),
+    min_regions: int = 2,
 ) -> Analysis:
     example_inputs = check_example_inputs(example_inputs)
     gm = capture(model, example_inputs, leaf_modules=leaf_modules)
     root = model if isinstance(model, nn.Module) and not isinstance(model, fx.GraphModule) else gm
-    spec = normalize_regions(regions, root)
+    spec = normalize_regions(regions, root, min_regions=min_regions)
     propagate_shapes(gm, example_inputs)
     assign_places(gm, spec)
     mark_dynamic(gm)
