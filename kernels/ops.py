@@ -11,6 +11,8 @@ work without it and so that ``TRITON_INTERPRET`` is read at launch time, not imp
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from lbi_fx.errors import InputError
@@ -23,7 +25,12 @@ from .scan_torch import (
     scan_sequential,
 )
 
-__all__ = ["BACKENDS", "suffix_adjoints", "suffix_scan", "triton_available"]
+__all__ = ["BACKENDS", "TritonFallbackWarning", "suffix_adjoints", "suffix_scan",
+           "triton_available"]
+
+
+class TritonFallbackWarning(UserWarning):
+    """``backend="triton"`` was asked for and a torch path ran instead (float64)."""
 
 BACKENDS = ("auto", "triton", "torch", "sequential")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -92,6 +99,10 @@ def _check_g(J: torch.Tensor, g: object) -> None:
 def _resolve(backend: str, J: torch.Tensor) -> str:
     """Map ``backend`` to the path that runs: "triton", "torch" or "sequential"."""
     if J.dtype == torch.float64:
+        if backend == "triton":  # asked for by name: say what runs instead
+            warnings.warn("lbi-fx: backend='triton' has no float64 kernel; this float64 scan "
+                          "runs the torch chunked scan (exact in float64) instead",
+                          TritonFallbackWarning, stacklevel=2)
         return "sequential" if backend == "sequential" else "torch"  # exact fp64 in torch
     if backend == "auto":
         if J.device.type == "cuda" and triton_available():

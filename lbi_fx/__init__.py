@@ -2,9 +2,12 @@
 is a Jacobian -> suffix scan -> region-local program with exact gradients."""
 
 from lbi_fx.api import transform, verify
+from lbi_fx.causality import Causality, CausalityWarning
 from lbi_fx.errors import (
     BatchMixingError,
+    HigherOrderError,
     InputError,
+    InternalError,
     LBIError,
     NonFiniteError,
     RegionSpecError,
@@ -12,13 +15,18 @@ from lbi_fx.errors import (
     SeparatorError,
     TraceError,
 )
-from lbi_fx.regions import every
+from lbi_fx.regions import composition, every
 from lbi_fx.report import BoundaryReport, SeparatorReport
+from lbi_fx.spl import stage_partition
 
 __all__ = [
     "BatchMixingError",
     "BoundaryReport",
+    "Causality",
+    "CausalityWarning",
+    "HigherOrderError",
     "InputError",
+    "InternalError",
     "LBIError",
     "NonFiniteError",
     "RegionSpecError",
@@ -26,7 +34,9 @@ __all__ = [
     "SeparatorError",
     "SeparatorReport",
     "TraceError",
+    "composition",
     "every",
+    "stage_partition",
     "transform",
     "verify",
 ]

@@ -416,7 +416,7 @@ class RegionParallel:
 
 class PipelineBaseline:
     """Ordinary backprop over the same placement, for a GPT-like model (``wte``, ``wpe``,
-    ``drop``, ``layers``, ``ln_f``, ``head``, as in ``examples.transformer``): rank j
+    ``drop``, ``layers``, ``ln_f``, ``head``, as in ``lbi_fx.models.transformer``): rank j
     receives the (B, L, D) hidden state, runs its blocks, sends it on; backward receives
     the (B, L, D) activation gradient and sends its own back. Parameters on several ranks
     (a tied head) are all-reduced like in :class:`RegionParallel`."""

@@ -37,3 +37,21 @@ class BatchMixingError(RewriteError):
 
 class NonFiniteError(LBIError):
     """A NaN or Inf appeared where ``check_finite=True`` forbids it."""
+
+
+class HigherOrderError(LBIError):
+    """A gradient of the scan backward's gradients was asked for (double backward)."""
+
+
+class InternalError(Exception):
+    """lbi-fx itself failed where plain PyTorch works on the same region: a bug to report.
+
+    Deliberately not an ``LBIError``: a refusal says the model cannot be made exact, this
+    says lbi-fx broke, and tests and the fuzzer count it as a failure. ``original`` is the
+    exception lbi-fx raised (also chained as ``__cause__``).
+    """
+
+    def __init__(self, message: str, original: BaseException | None = None):
+        super().__init__(f"{message}. This is a bug in lbi-fx: please report it with the "
+                         "model, the call and this traceback")
+        self.original = original

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from lbi_fx.errors import NonFiniteError, RewriteError
+from lbi_fx.errors import HigherOrderError, InternalError, LBIError, NonFiniteError
+from lbi_fx.failures import classify, region_of
 
 STRATEGIES = ("auto", "reuse", "forward", "recompute")
 _AD_ERRORS = (RuntimeError, NotImplementedError)
@@ -83,6 +84,11 @@ class RegionCache:
     params: list[tuple[int, torch.Tensor]]  # (index into chain params, parameter)
     replay: Callable[[torch.Tensor], list[torch.Tensor]] | None = None  # rerun from m_k
     kept: bool = True                       # ``outs`` carry the forward graph
+    # Leading rows of m_{k+1} that depend on m_k alone, not on the region (a causal
+    # interface's row 0 pools an empty prefix): their Jacobian rows come from this small
+    # function of m_k instead of VJPs through the region.
+    head: int = 0
+    head_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -102,6 +108,8 @@ class ChainState:
     timings: dict | None = None                      # phase -> seconds, when profiling
     backward_program: object = None  # the generated backward fx.GraphModule
     where: str = ""                  # the region a phase is working on (for error messages)
+    record: dict | None = None       # J_k and suffix products of this backward (spectra)
+    retain: bool = False             # the outer backward's retain_graph: keep region graphs
 
     @property
     def r_max(self) -> int:
@@ -144,7 +152,7 @@ def _jac_reuse(state: ChainState, k: int) -> torch.Tensor:
     """Rows of J_k by r VJPs over the saved graph, batched when the ops allow it."""
     cache = state.caches[k]
     out, m_in = cache.outs[0], cache.m_in
-    basis = _basis(out.shape[-1], out)
+    basis = _basis(out.shape[-1], out)[cache.head:]
     rows = None
     if state.batched_ok.get(k, True):
         try:
@@ -160,7 +168,19 @@ def _jac_reuse(state: ChainState, k: int) -> torch.Tensor:
             for b in basis
         ])
     rows = _zeros_if_none(rows, m_in.expand(basis.shape[0], *m_in.shape))
-    return rows.permute(1, 0, 2)
+    return _with_head(cache, rows).permute(1, 0, 2)
+
+
+def _with_head(cache: RegionCache, rows: torch.Tensor) -> torch.Tensor:
+    """Prepend the rows of J_k that ``cache.head_rows`` gives without the region."""
+    if not cache.head:
+        return rows
+    m = cache.m_in.detach().requires_grad_(True)
+    with torch.enable_grad():
+        top = cache.head_rows(m)
+        head = torch.stack([torch.autograd.grad(top, m, b, retain_graph=True)[0]
+                            for b in _basis(cache.head, top)])
+    return torch.cat([head, rows])
 
 
 def _jac_forward(state: ChainState, k: int) -> torch.Tensor:
@@ -185,7 +205,7 @@ def _jac_recompute(state: ChainState, k: int) -> torch.Tensor:
     chunk = max(1, min(state.chunk or len(state.caches) // 2, r_out))
     basis = _basis(r_out, m.new_empty(m.shape[0], r_out))
     rows = []
-    for i in range(0, r_out, chunk):
+    for i in range(cache.head, r_out, chunk):
         c = min(chunk, r_out - i)
         reps = m.unsqueeze(0).expand(c, *m.shape).clone().requires_grad_(True)
         with torch.enable_grad(), warnings.catch_warnings():
@@ -194,29 +214,34 @@ def _jac_recompute(state: ChainState, k: int) -> torch.Tensor:
             out = torch.func.vmap(lambda mm: cache.replay(mm)[0], randomness="same")(reps)
             (g,) = torch.autograd.grad(out, reps, basis[i: i + c], allow_unused=True)
         rows.append(_zeros_if_none(g, reps))
-    return torch.cat(rows).permute(1, 0, 2)
+    return _with_head(cache, torch.cat(rows)).permute(1, 0, 2)
 
 
 _JACOBIANS = {"reuse": _jac_reuse, "forward": _jac_forward, "recompute": _jac_recompute}
 
 
 def _probe(state: ChainState, k: int) -> tuple[str, torch.Tensor]:
-    """``auto``: time forward mode, batched VJPs and one VJP per row once; keep the
-    fastest that works (on CPU, batching r small VJPs often gains nothing)."""
+    """``auto``: time forward mode, batched VJPs and one VJP per row; keep the fastest
+    that works (on CPU, batching r small VJPs often gains nothing). Each is timed on its
+    faster of two calls: the first call of a strategy in a process pays one-off set-up
+    (forward mode's first ``jvp`` under ``vmap`` takes seconds), which would otherwise
+    decide region 0's choice."""
     best = None
     for name, batched in (("forward", None), ("reuse", True), ("reuse", False)):
         if batched is not None:
             state.batched_ok[k] = batched
-        t0 = time.perf_counter()
+        dt = float("inf")
         try:
             # FX prints the failing line of generated code to stderr before re-raising;
             # a failed probe is expected (an op without a forward-mode rule), so hush it.
             with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                jac = _JACOBIANS[name](state, k)
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    jac = _JACOBIANS[name](state, k)
+                    dt = min(dt, time.perf_counter() - t0)
         except _AD_ERRORS:
             continue
-        dt = time.perf_counter() - t0
         if batched is not None and not state.batched_ok[k] and batched:
             continue  # batched VJPs failed and fell back to rows: timed below
         if best is None or dt < best[0]:
@@ -233,10 +258,8 @@ def _explicit(state: ChainState, k: int, strategy: str) -> torch.Tensor:
     try:
         return _JACOBIANS[strategy](state, k)
     except _AD_ERRORS as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RewriteError(
-            f"jacobian={strategy!r} cannot differentiate region {k}: {first}. Use "
-            "jacobian='auto' (falls back per region) or 'reuse'") from exc
+        raise classify(exc, state.caches[k], f"region {k} (jacobian={strategy!r})",
+                       strategy) from exc
 
 
 def region_jacobian(state: ChainState, k: int) -> torch.Tensor:
@@ -254,6 +277,8 @@ def region_jacobian(state: ChainState, k: int) -> torch.Tensor:
         raise NonFiniteError(
             f"interface Jacobian J_{k} of region {k} has NaN or Inf entries: look for "
             f"overflow or a division by zero inside region {k}")
+    if state.record is not None:
+        state.record.setdefault("J", {})[k] = jac.detach()
     return _pad(jac, state.r_max)
 
 
@@ -278,7 +303,7 @@ def last_region_vjp(state: ChainState, *grad_outs: torch.Tensor) -> tuple:
             grads = [None] * len(inputs)
         else:
             grads = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs],
-                                        allow_unused=True)
+                                        allow_unused=True, retain_graph=state.retain)
         # None (not zeros) when the last region ignores m_{K-1}: autograd gives earlier
         # regions no gradient at all then, and neither may we.
         return (grads[0], *_scatter(cache, grads[1:]))
@@ -291,6 +316,8 @@ def stack_jacobians(jacobians: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def interface_adjoints(state: ChainState, suffix: torch.Tensor, mbar_last: torch.Tensor) -> list:
     """mbar_k = P_k mbar_{K-1} for k = 0..K-1, each cut back to its width r_k."""
+    if state.record is not None:
+        state.record["P"] = suffix.detach()
     if mbar_last is None:
         return [None] * len(state.ranks)
     g = _pad(mbar_last, state.r_max).to(suffix.dtype)
@@ -307,7 +334,8 @@ def region_local_vjp(state: ChainState, k: int, mbar_next: torch.Tensor) -> tupl
         if not inputs or mbar_next is None:
             return _scatter(cache, [None] * len(inputs))
         (out,) = _graph_outs(cache, cache.m_in)[:1]
-        grads = torch.autograd.grad(out, inputs, mbar_next, allow_unused=True)
+        grads = torch.autograd.grad(out, inputs, mbar_next, allow_unused=True,
+                                    retain_graph=state.retain)
         return _scatter(cache, grads)
 
 
@@ -345,6 +373,9 @@ class LBIChain(torch.autograd.Function):
         with torch.enable_grad():
             state, outs = runner.run_chain(call, m0, static, params)
         ctx.state = state
+        # Saved only so autograd owns their lifetime: a second backward without
+        # retain_graph then fails with PyTorch's own message, as plain autograd does.
+        ctx.save_for_backward(m0, *flat)
         # Fresh tensors: the epilogue may modify them without touching the saved graphs.
         result = tuple(o.detach().clone() for o in outs)
         ctx.mark_non_differentiable(*[o for o in result if not o.dtype.is_floating_point])
@@ -352,10 +383,53 @@ class LBIChain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outs):
+        inputs = ctx.saved_tensors
         state = ctx.state
-        del ctx.state
+        # retain_graph=True (or create_graph=True): the region graphs must survive this
+        # pass; otherwise they go now, as the outer graph's saved tensors do.
+        state.retain = torch._C._autograd._get_current_graph_task_keep_graph()
+        if not state.retain:
+            ctx.state = None
         grads = ctx_runner_backward(state, grad_outs)
+        if torch.is_grad_enabled():  # create_graph=True
+            grads = _first_order_only(grads, [*inputs, *grad_outs])
         return (None, None, *grads)
+
+
+class _RefuseHigherOrder(torch.autograd.Function):
+    """Passes the scan backward's gradients through; differentiating them raises.
+
+    The generated backward is exact to first order only: its region graphs are built on
+    detached copies of m_k, so a second-order term through the chain would be silently
+    dropped. Like ``once_differentiable``, but the error is an ``LBIError`` that says
+    what to do, and it is raised only if a second backward actually reaches the chain.
+    """
+
+    @staticmethod
+    def forward(ctx, n, *tensors):
+        return tuple(t.clone() for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise HigherOrderError(
+            "the scan backward of an LBI module gives first-order gradients only, and a "
+            "gradient of its gradients (create_graph=True, then a backward through them: "
+            "gradient penalties, Hessian-vector products) reached its interface chain. Set "
+            "lbi.backward = 'autograd' for such steps: same modules and parameters, plain "
+            "reverse mode, any order")
+
+
+def _first_order_only(grads: Sequence[torch.Tensor | None], anchors: Sequence) -> tuple:
+    """Under create_graph=True: tie the gradients to a node that refuses a second order."""
+    anchors = [a for a in anchors if isinstance(a, torch.Tensor) and a.requires_grad]
+    present = [i for i, g in enumerate(grads) if g is not None]
+    if not anchors or not present:
+        return tuple(grads)
+    guarded = _RefuseHigherOrder.apply(len(present), *[grads[i] for i in present], *anchors)
+    out = list(grads)
+    for i, g in zip(present, guarded):
+        out[i] = g
+    return tuple(out)
 
 
 def ctx_runner_backward(state: ChainState, grad_outs: Sequence[torch.Tensor]) -> tuple:
@@ -363,9 +437,14 @@ def ctx_runner_backward(state: ChainState, grad_outs: Sequence[torch.Tensor]) ->
     with torch.enable_grad():
         try:
             return tuple(program(state, *grad_outs))
-        except RuntimeError as exc:
-            where = state.where or "the chain"
-            raise RewriteError(
-                f"the scan backward failed in {where}: {str(exc).strip().splitlines()[0]}. "
-                "An in-place op on a tensor the region saved for backward is the usual cause: "
-                "use the out-of-place op in that region") from exc
+        except (LBIError, InternalError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a refusal only if plain PyTorch fails too
+            k = region_of(state.where)
+            cache = state.caches[k] if k is not None and k < len(state.caches) else None
+            strategy = "reuse"
+            if "Jacobian" in state.where:
+                strategy = state.choice.get(k, state.jacobian)
+                strategy = "reuse" if strategy == "auto" else strategy
+            raise classify(exc, cache, f"the scan backward in {state.where or 'the chain'}",
+                           strategy) from exc

@@ -83,17 +83,6 @@ def assert_exact(lbi, inputs=None) -> None:
     assert len(cuts) == lbi.num_regions - 1 and all(c <= r for c, r in zip(cuts, lbi.ranks))
 
 
-def refused_or_exact(model, culprit: str, **kw) -> None:
-    """The correct outcome for a doubtful model: an LBIError naming ``culprit``, or an
-    exact model. Any other exception, or a wrong gradient, fails."""
-    try:
-        lbi = transform(model, **kw)
-    except lbi_fx.LBIError as exc:
-        assert culprit in str(exc), exc
-        return
-    assert_exact(lbi)
-
-
 # ------------------------------------------------------------------ capture and inputs
 
 
@@ -209,8 +198,9 @@ def test_rank_not_below_dense_separator_warns_per_boundary():
         lbi = lbi_fx.transform(net(), lbi_fx.every(1, "blocks"), [2, D],
                                example_inputs=(x64(),))
     msgs = [str(w.message) for w in record if "compresses nothing" in str(w.message)]
-    assert msgs == [f"lbi-fx: rank {D} at boundary 2 is not below the dense separator "
-                    f"({D} scalars per sample): the interface compresses nothing"]
+    assert msgs == [f"lbi-fx: interface 2 carries {D} scalars per sample (rank {D} x 1 "
+                    f"segment(s)), not below the dense separator ({D} scalars per sample): the "
+                    "interface compresses nothing"]
     assert_exact(lbi)
 
 
@@ -269,7 +259,7 @@ def test_batch_reduction_in_a_region_is_refused():
         transform(net(Blk, BatchSum, Blk))
 
 
-MIXERS = {  # op over the batch axis, a rank at which it goes unnoticed today
+MIXERS = {  # op over the batch axis, and a rank at which the interface still fits
     "flip": (lambda x: x.flip(0), 5),
     "roll": (lambda x: x.roll(1, 0), 5),
     "cumsum": (lambda x: x.cumsum(0), 5),
@@ -286,14 +276,8 @@ def test_batch_mixing_op_in_a_region_is_refused(op):
         def forward(self, x, skip=None):
             return super().forward(x) + mix(x)
 
-    model = net(Blk, Mixer, Blk)
-    try:
-        lbi = transform(model, rank=rank)
-    except lbi_fx.BatchMixingError as exc:
-        assert "region 1" in str(exc)
-        return
-    report = gradient_parity(lbi, (x64(),))
-    assert report.ok and report.rel_l2 <= EXACT and report.worst[0][1] < 1e-6, report
+    with pytest.raises(lbi_fx.BatchMixingError, match=r"region 1\b.*(batch axis|mixes samples)"):
+        transform(net(Blk, Mixer, Blk), rank=rank)
 
 
 # ------------------------------------------------------------------ in-place and state
@@ -321,7 +305,9 @@ def test_inplace_on_canvas_in_later_region():
     def wire(m, h):  # blocks.1 reads (and doubles) the canvas h; blocks.2 reads it after
         return m.blocks[2](m.blocks[1](m.blocks[0](h), h), h)
 
-    refused_or_exact(net(Blk, Mutator, Blk, wire=wire), "blocks.1")
+    with pytest.raises(lbi_fx.RewriteError, match=r"mul_ \(blocks.1, region 1\) modifies inp "
+                                                  r"\(inp, prologue\) in place.*clone it inside"):
+        transform(net(Blk, Mutator, Blk, wire=wire))
 
 
 class DeadBranchInPlace(Blk):
@@ -360,7 +346,21 @@ def test_region_that_cannot_be_differentiated_is_named(model, region):
     model = model()
     params = [p for p in model.parameters()]
     torch.autograd.grad(model(x64()).sum(), params, allow_unused=True)  # fine for PyTorch
-    refused_or_exact(model, region)
+    with pytest.raises(lbi_fx.RewriteError, match=rf"{region}.*plain PyTorch .*fails on this "
+                                                  "region too.*inplace"):
+        transform(model)
+
+
+@pytest.mark.xfail(strict=True, raises=lbi_fx.RewriteError, reason=(
+    "MISSING: the rewrite feeds every region output into its interface and makes region "
+    "inputs depend on m_k, so an in-place write that PyTorch tolerates in the original (a "
+    "branch the loss ignores, a tensor of the inputs only) breaks the rewritten region"))
+@pytest.mark.parametrize("model", [
+    lambda: net(Blk, DeadBranchInPlace, Blk, wire=_dead_side_branch),
+    lambda: net(TanhInPlace, Blk, Blk, raw=True),
+], ids=["dead-branch", "input-only-branch"])
+def test_in_place_writes_the_original_tolerates_transform_exactly(model):
+    assert_exact(transform(model()))
 
 
 def test_batchnorm_in_train_mode_is_refused():
@@ -388,16 +388,10 @@ class Counter(Blk):
         return super().forward(x)
 
 
-def test_buffer_counter_in_forward_is_kept_or_refused():
-    model = net(Blk, Counter, Blk)
-    try:
-        lbi = transform(model)
-    except lbi_fx.LBIError as exc:
-        assert "blocks.1.count" in str(exc)
-        return
-    assert model.blocks[1].count.item() == 0, "transform ran the update"
-    lbi(x64())
-    assert lbi.get_submodule("blocks.1").count.item() == 1
+def test_buffer_counter_in_forward_is_refused_by_name():
+    """FX records no ``self.count += 1``: the rewritten model would drop the update."""
+    with pytest.raises(lbi_fx.TraceError, match=r"updates buffer blocks.1.count.*Move the state"):
+        transform(net(Blk, Counter, Blk))
 
 
 class BatchStat(Blk):
@@ -474,13 +468,14 @@ def test_last_region_ignoring_the_interface_gives_the_same_grads():
         return m.blocks[2](h)  # reads only the canvas
 
     report = gradient_parity(transform(net(wire=wire), rank=3), (x64(),))
-    assert report.ok and not report.extra, report
+    assert report.ok and report.rel_l2 <= EXACT and report.loss_error == 0, report
+    assert not report.missing and not report.extra, report
 
 
-def test_module_shared_by_two_regions_is_named_or_exact():
+def test_module_shared_by_two_regions_is_exact():
     model = net()
     model.blocks[2].lin = model.blocks[0].lin
-    refused_or_exact(model, "blocks.2")
+    assert_exact(transform(model))
 
 
 def test_weight_tied_across_regions_is_exact():
@@ -568,3 +563,17 @@ def test_cli_spec_error_exits_2_naming_the_path(cli):
 @pytest.mark.parametrize("target", ["raising_factory", "args_factory"])
 def test_cli_factory_that_raises_exits_2(cli, target):
     assert target in cli(f"tests.test_bad_inputs:{target}")
+
+
+@pytest.mark.parametrize("rank", ["0", "-3", "2,0"])
+def test_cli_inspect_refuses_a_bad_rank_as_verify_does(rank, monkeypatch, capsys):
+    """``inspect --rank 0`` used to become rank 16 without a word."""
+    from lbi_fx.cli import main
+
+    monkeypatch.chdir(ROOT)
+    for command in ("verify", "inspect"):
+        code = main([command, "tests.test_bad_inputs:factory", "--regions", "blocks:1",
+                     "--rank", rank])
+        out = capsys.readouterr()
+        assert code == 2 and out.out == "", (command, code, out)
+        assert "must be an int >= 1" in out.err and "\n" not in out.err.strip(), out.err

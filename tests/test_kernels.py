@@ -14,12 +14,14 @@ import re
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lbi_fx.kernels import (
+    TritonFallbackWarning,
     chunk_size,
     suffix_adjoints,
     suffix_scan,
@@ -36,7 +38,14 @@ LOW = (torch.float32, torch.float16, torch.bfloat16)
 # Max over (n, k) of ||P_k - P_ref_k||_F / ||P_ref_k||_F, by input dtype.
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2, torch.float64: 1e-12}
 
-needs_triton = pytest.mark.skipif(not triton_available(), reason="triton not importable")
+
+
+def test_triton_imports():
+    """triton is a dependency of lbi-fx: if it stops importing, the suite fails here
+    (and in every Triton test below) instead of skipping them."""
+    from lbi_fx.kernels import ops
+
+    assert triton_available(), f"triton does not import: {ops._triton_err}"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
@@ -114,9 +123,15 @@ def test_torch_backends_grid(backend, dtype):
 
 @pytest.mark.parametrize("backend", ["auto", "triton", "torch", "sequential"])
 def test_fp64_is_exact_on_every_backend(backend):
-    # fp64 always takes a torch path, so "triton" needs no interpreter here.
+    # fp64 always takes a torch path, so "triton" needs no interpreter here - and says so.
     J = make_chain(3, 33, 17, torch.float64)
-    P = suffix_scan(J, backend=backend)
+    if backend == "triton":
+        with pytest.warns(UserWarning, match="backend='triton' has no float64 kernel"):
+            P = suffix_scan(J, backend=backend)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", TritonFallbackWarning)
+            P = suffix_scan(J, backend=backend)
     assert P.dtype == torch.float64
     assert rel_err(P, suffix_scan_reference(J), (-2, -1)) <= 1e-12
 
@@ -201,7 +216,6 @@ def test_bad_backend_raises_input_error():
         suffix_adjoints(torch.zeros(1, 2, 3, 3), torch.zeros(1, 3), backend="fast")
 
 
-@needs_triton
 def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(InputError, match="TRITON_INTERPRET"):
@@ -330,7 +344,6 @@ def triton_interpreter():
 # The interpreter is slow (~30 s per dtype for the full grid on 2 cores), so fp32 runs the
 # full N x K x r grid and fp16/bf16 run every K and r at N = 3 only: the kernels treat the
 # chain index as a plain program id, so N adds no code path that fp32 does not cover.
-@needs_triton
 @pytest.mark.parametrize("r", RS)
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_triton_interpreter_grid(triton_interpreter, dtype, r):
@@ -339,7 +352,6 @@ def test_triton_interpreter_grid(triton_interpreter, dtype, r):
             check_against_reference(make_chain(N, K, r, dtype), "triton")
 
 
-@needs_triton
 def test_triton_interpreter_k1_and_noncontiguous(triton_interpreter):
     J = make_chain(3, 1, 6, torch.float32)
     P = suffix_scan(J, backend="triton")
