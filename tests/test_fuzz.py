@@ -59,8 +59,10 @@ def _grads(lbi, inputs, mode):
 
 def param_errors(lbi, inputs) -> tuple[float, int]:
     """Worst per-parameter error, and how many parameters get ``None`` under one mode and
-    an all-zero gradient under the other (a known bug, xfailed in test_bad_inputs.py;
-    ``None`` counts as zero here, any nonzero value still fails)."""
+    an all-zero gradient under the other (``None`` counts as zero here, any nonzero value
+    still fails). A known discrepancy without a strict xfail yet: the long run of
+    2026-11-25 saw it once in 1000 valid specs (a "gap" spec, jacobian="recompute", K=2,
+    6 parameters), and a targeted search did not reproduce it in isolation."""
     ref, got = _grads(lbi, inputs, "autograd"), _grads(lbi, inputs, "scan")
     lbi.backward = "scan"
     total = sum(float(a.norm()) ** 2 for a in ref if a is not None) ** 0.5
