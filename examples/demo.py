@@ -1,6 +1,6 @@
 """The lbi-fx main job: transform a GPT, verify it, check gradient parity, train it.
 
-    python examples/demo.py            # about three minutes on a 2-core CPU
+    python examples/demo.py            # about four minutes on a 2-core CPU
     python examples/demo.py --quick    # a smoke run (CI)
 
 1. Separator report of the dense model: every boundary needs L x D scalars per sample.
