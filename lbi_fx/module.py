@@ -51,15 +51,7 @@ class LBIModule(nn.Module):
         capture: str = "",
     ):
         super().__init__()
-        for name, child in gm.named_children():
-            self.add_module(name, child)
-        for name, p in gm.named_parameters(recurse=False):
-            self.register_parameter(name, p)
-        for name, b in gm.named_buffers(recurse=False):
-            self.register_buffer(name, b)
-        for node in gm.graph.nodes:
-            if node.op == "get_attr" and "." not in node.target and not hasattr(self, node.target):
-                setattr(self, node.target, getattr(gm, node.target))
+        adopt_state(self, gm)
         self._flat_graph = gm.graph
         self._programs_spec = programs
         self.regions = [list(r) for r in regions]
@@ -369,6 +361,21 @@ class LBIModule(nn.Module):
             model_causal=getattr(self, "model_causal", None), lbi_causal=causal, lbi_leak=leak,
             leaks=leaky_interfaces(self), note=why)
         return report
+
+
+def adopt_state(dst: nn.Module, gm: fx.GraphModule) -> None:
+    """Give ``dst`` the captured model's submodules, parameters, buffers and top-level
+    constants under their own names, shared rather than copied, so ``state_dict`` keys
+    match the original model and optimizers see the same tensors."""
+    for name, child in gm.named_children():
+        dst.add_module(name, child)
+    for name, p in gm.named_parameters(recurse=False):
+        dst.register_parameter(name, p)
+    for name, b in gm.named_buffers(recurse=False):
+        dst.register_buffer(name, b)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and "." not in node.target and not hasattr(dst, node.target):
+            setattr(dst, node.target, getattr(gm, node.target))
 
 
 def _replayer(rgm, args: list, m_slot: int | None, picks: list[int], rng: RngSnapshot):

@@ -34,6 +34,7 @@ from torch.utils import _pytree as pytree
 
 from lbi_fx.analysis import analyze
 from lbi_fx.errors import InputError, RegionSpecError
+from lbi_fx.module import adopt_state
 from lbi_fx.passes.mark_dynamic import DATA_KEY
 from lbi_fx.passes.partition import PROLOGUE, module_of, place_of
 from lbi_fx.passes.shape_prop import BATCH_KEY, SHAPE_KEY, scalars_per_sample, tensors_of
@@ -544,15 +545,7 @@ class SPLModule(nn.Module):
             if name in reserved:
                 raise InputError(f"the model's attribute {name!r} clashes with a name of the "
                                  "stage-partitioned module; rename it in the model")
-        for name, child in gm.named_children():
-            self.add_module(name, child)
-        for name, p in gm.named_parameters(recurse=False):
-            self.register_parameter(name, p)
-        for name, b in gm.named_buffers(recurse=False):
-            self.register_buffer(name, b)
-        for node in gm.graph.nodes:
-            if node.op == "get_attr" and "." not in node.target and not hasattr(self, node.target):
-                setattr(self, node.target, getattr(gm, node.target))
+        adopt_state(self, gm)
         self.spl_config = SPLConfig(tuple(tuple(r) for r in builder.regions), builder.heads,
                                     tuple(builder.lams), float(alpha))
         self._capture = capture
