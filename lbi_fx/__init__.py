@@ -3,13 +3,18 @@ is a Jacobian -> suffix scan -> region-local program with exact gradients."""
 
 from lbi_fx.api import transform, verify
 from lbi_fx.causality import Causality, CausalityWarning
+from lbi_fx.choices import FallbackWarning
 from lbi_fx.errors import (
     BatchMixingError,
+    CheckpointError,
+    DistributedError,
+    DistributedTimeout,
     HigherOrderError,
     InputError,
     InternalError,
     LBIError,
     NonFiniteError,
+    PeerFailedError,
     RegionSpecError,
     RewriteError,
     SeparatorError,
@@ -24,11 +29,16 @@ __all__ = [
     "BoundaryReport",
     "Causality",
     "CausalityWarning",
+    "CheckpointError",
+    "DistributedError",
+    "DistributedTimeout",
+    "FallbackWarning",
     "HigherOrderError",
     "InputError",
     "InternalError",
     "LBIError",
     "NonFiniteError",
+    "PeerFailedError",
     "RegionSpecError",
     "RewriteError",
     "SeparatorError",

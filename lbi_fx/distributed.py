@@ -22,6 +22,26 @@ backward  the last rank seeds: epilogue backward, then one VJP through region K-
           one rank (the prologue and embedding, a tied head, ...).
           No rank ever sends an activation or activation-gradient of the hidden size.
 
+Every rank runs its regions with the single-process runtime itself
+(``LBIModule.run_regions`` / ``chain_state``, ``lbi_fx.runtime``): only the exchanges
+are this module's.
+
+Data parallelism: with ``mesh=`` (a ``DeviceMesh`` with dims ``("dp", "region")``) each dp
+replica runs the chain above over its ``mesh["region"]`` ranks on its own shard of the
+batch, and gradients are averaged over ``mesh["dp"]`` as DDP does: one flat all-reduce per
+dtype over the parameters only this region rank uses, launched asynchronously right
+after the last local VJP, so it runs on gloo's worker thread while the prologue backward
+computes; the parameters several region ranks use (embeddings, a tied head) are summed
+over the whole mesh and divided by the dp size in the all-reduce they need anyway.
+
+Failures: every wait polls its ``torch.distributed`` work and the process group's store.
+A rank whose step raises writes a record there (rank, regions, phase, error) before
+re-raising; every other rank then ends its step with :class:`PeerFailedError`, or, when a
+peer does not arrive within ``timeout`` seconds, with :class:`DistributedTimeout` naming
+the ranks that did not arrive and where they were last seen. Neither relies on the
+transport noticing a dead socket. After either error the process group is unusable: end
+the process (as ``torchrun`` does with a failed worker).
+
 :class:`Comm` wraps every send and collective and records its payload bytes per phase.
 :class:`PipelineBaseline` runs ordinary backprop over the same placement, sending the
 (B, L, D) hidden state forward and its gradient backward at every rank boundary.
@@ -32,23 +52,26 @@ gradients are still exact for the masks drawn (each region replays its own RNG s
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from lbi_fx.errors import InputError
+from lbi_fx.errors import (
+    DistributedError,
+    DistributedTimeout,
+    InputError,
+    PeerFailedError,
+)
 from lbi_fx.kernels import suffix_scan
-from lbi_fx.module import _leaf, _replayer
 from lbi_fx.runtime import (
-    ChainState,
-    RegionCache,
-    RngSnapshot,
+    interface_adjoints,
     last_region_vjp,
     region_jacobian,
     region_local_vjp,
@@ -56,6 +79,9 @@ from lbi_fx.runtime import (
 
 LBI_BACKWARD_PHASES = ("scan_allgather", "mbar_broadcast")
 PIPELINE_BACKWARD_PHASES = ("pipe_backward_grad",)
+# What a step is doing, in order: named by failure records and timeouts.
+STEP_PHASES = ("forward", "jacobian", "epilogue", "backward-seed", "scan-exchange", "scan",
+               "local", "prologue-backward", "allreduce", "loss")
 
 
 def placement(K: int, world: int) -> list[list[int]]:
@@ -74,6 +100,129 @@ def placement(K: int, world: int) -> list[list[int]]:
     return out
 
 
+# -- failure side channel ----------------------------------------------------------------
+
+class Watch:
+    """Failure records and progress over a ``torch.distributed`` store.
+
+    ``fail`` writes the first failure of the job (rank, regions, phase, error); ``wait``
+    polls a work's completion and that record, and gives up after ``timeout`` seconds
+    naming the peers that have not reached the caller's phase. The store is served by a
+    thread of rank 0's process, so a peer stuck in Python still answers; a store that
+    cannot be reached means rank 0's process is gone."""
+
+    POLL_S = 0.02  # how often a waiting rank reads the store
+
+    def __init__(self, store, prefix: str, rank: int, timeout: float, roles: dict):
+        self.store, self.prefix, self.rank, self.timeout = store, prefix, rank, timeout
+        self.roles = roles  # global rank -> {"regions": [...], "dp": replica}, for messages
+        self.step, self.phase = 0, "init"
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
+
+    def _store(self, fn: str, *args):
+        try:
+            return getattr(self.store, fn)(*args)
+        except Exception as exc:  # noqa: BLE001 - any store failure means its host is gone
+            raise PeerFailedError(
+                f"rank {self.rank} (phase {self.phase!r}) cannot reach the process group's "
+                f"store, which rank 0's process serves: rank 0 has died ({exc})",
+                rank=0, phase=self.phase) from exc
+
+    def enter(self, phase: str) -> None:
+        """Record that this rank reached ``phase`` of the current step."""
+        self.phase = phase
+        self._store("set", self._key(f"at/{self.rank}"),
+                    f"{self.step}:{STEP_PHASES.index(phase)}:{phase}")
+
+    def fail(self, exc: BaseException, culprit: int | None = None, kind: str = "error") -> None:
+        """Publish this rank's failure (first writer wins); never raises."""
+        who = self.rank if culprit is None else culprit
+        rec = dict(rank=who, seen_by=self.rank, phase=self.phase, step=self.step, kind=kind,
+                   error=f"{type(exc).__name__}: {exc}"[:2000], **self.roles.get(who, {}))
+        try:
+            if self.store.add(self._key("nfail"), 1) == 1:
+                self.store.set(self._key("failed"), json.dumps(rec))
+        except Exception:  # noqa: BLE001 - the store's host is gone: peers time out instead
+            pass
+
+    def failure(self) -> dict | None:
+        if not self._store("check", [self._key("failed")]):
+            return None
+        return json.loads(self._store("get", self._key("failed")))
+
+    def raise_failure(self, rec: dict, op: str):
+        who = rec["rank"]
+        regions = rec.get("regions", [])
+        if rec["kind"] == "timeout":
+            raise DistributedTimeout(
+                f"rank {who} (regions {regions}) did not arrive: rank {rec['seen_by']} gave up "
+                f"waiting for it after {self.timeout:g} s ({rec['error']}); rank {self.rank} "
+                f"stopped in phase {self.phase!r} ({op})",
+                rank=who, regions=regions, phase=rec["phase"])
+        raise PeerFailedError(
+            f"rank {who} (regions {regions}, dp replica {rec.get('dp', 0)}) failed in phase "
+            f"{rec['phase']!r} of step {rec['step']}: {rec['error']}. Rank {self.rank} stopped "
+            f"waiting in phase {self.phase!r} ({op}). The process group is unusable now: end "
+            "this process and restart the job (from a checkpoint)",
+            rank=who, regions=regions, phase=rec["phase"])
+
+    def progress(self, peers: Sequence[int]) -> dict[int, tuple]:
+        """(step, phase index, phase) each peer last recorded; (-1, -1, 'nothing') if none."""
+        out = {}
+        for r in peers:
+            key = self._key(f"at/{r}")
+            if self._store("check", [key]):
+                s, i, ph = self._store("get", key).decode().split(":", 2)
+                out[r] = (int(s), int(i), ph)
+            else:
+                out[r] = (-1, -1, "nothing")
+        return out
+
+    def wait(self, done: threading.Event, op: str, peers: Sequence[int]) -> None:
+        """Block until ``done`` is set (it wakes this thread at once); every ``POLL_S`` a
+        peer's failure record or the ``timeout`` raises."""
+        t0 = time.monotonic()
+        while not done.wait(self.POLL_S):
+            rec = self.failure()
+            if rec is not None:
+                self.raise_failure(rec, op)
+            if time.monotonic() - t0 > self.timeout:
+                self._timeout(op, peers)
+
+    def _timeout(self, op: str, peers: Sequence[int]):
+        me = (self.step, STEP_PHASES.index(self.phase) if self.phase in STEP_PHASES else -1)
+        seen = self.progress([r for r in peers if r != self.rank])
+        late = {r: v for r, v in seen.items() if v[:2] < me} or seen
+        names = ", ".join(f"rank {r} (regions {self.roles.get(r, {}).get('regions', '?')}; "
+                          f"last seen in step {v[0]} phase {v[2]!r})" for r, v in late.items())
+        exc = DistributedTimeout(
+            f"rank {self.rank} waited {self.timeout:g} s in phase {self.phase!r} of step "
+            f"{self.step} ({op}) for: {names}. A peer is stuck, dead, or slower than "
+            "timeout= allows (raise it if one phase legitimately takes longer)",
+            rank=min(late, default=None), phase=self.phase)
+        self.fail(exc, culprit=min(late, default=None), kind="timeout")
+        raise exc
+
+
+def _waiter(work) -> tuple[threading.Event, list]:
+    """(done, errors): a daemon thread blocks in ``work.wait()`` (``is_completed`` cannot
+    be trusted: gloo's send/recv never report completion) and sets ``done``. If the peer
+    never comes, the thread stays blocked until the process ends."""
+    ev, box = threading.Event(), []
+
+    def run():
+        try:
+            work.wait()
+        except BaseException as exc:  # noqa: BLE001 - handed to the polling thread
+            box.append(exc)
+        ev.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return ev, box
+
+
 # -- communication with byte accounting -----------------------------------------------
 
 @dataclass
@@ -89,12 +238,19 @@ class CommRecord:
     shape: tuple
 
 
+# ops whose payload differs per rank of the region group: summed over it in ``totals``
+_PER_RANK_OPS = ("send", "dp_all_reduce")
+
+
 @dataclass
 class Comm:
-    """``torch.distributed`` calls that record their payload bytes per phase."""
+    """``torch.distributed`` calls that record their payload bytes per phase. With a
+    ``watch`` (set by :class:`RegionParallel`) every wait polls for peer failures and
+    times out; without one it blocks as ``torch.distributed`` does."""
 
     group: object = None
     records: list[CommRecord] = field(default_factory=list)
+    watch: Watch | None = None
 
     @property
     def rank(self) -> int:
@@ -104,20 +260,58 @@ class Comm:
     def world(self) -> int:
         return dist.get_world_size(self.group)
 
-    def _peer(self, r: int) -> int:
-        return r if self.group is None else dist.get_global_rank(self.group, r)
+    def _peer(self, r: int, group=None) -> int:
+        group = self.group if group is None else group
+        return r if group is None else dist.get_global_rank(group, r)
+
+    def _ranks(self, group) -> list[int]:
+        group = self.group if group is None else group
+        return list(range(dist.get_world_size())) if group is None else \
+            dist.get_process_group_ranks(group)
 
     def _log(self, phase: str, op: str, t: torch.Tensor, numel: int | None = None) -> None:
         n = t.numel() if numel is None else numel
         self.records.append(CommRecord(phase, op, n, n * t.element_size(), tuple(t.shape)))
 
+    def wait(self, work, op: str, peers: Sequence[int], p2p: bool = False) -> None:
+        """Wait for ``work``; with a watch, through a waiter thread and polling the store
+        (``p2p``: gloo's send/recv, whose ``is_completed`` never turns true)."""
+        if self.watch is None:
+            work.wait()
+            return
+        try:
+            if not p2p and work.is_completed():  # done already: no thread
+                work.wait()
+            else:
+                done, box = _waiter(work)
+                self.watch.wait(done, op, peers)
+                if box:
+                    raise box[0]
+        except DistributedError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a transport error: is there a reason?
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:
+                rec = self.watch.failure()
+                if rec is not None:
+                    self.watch.raise_failure(rec, op)
+                time.sleep(Watch.POLL_S)
+            raise DistributedError(
+                f"rank {self.watch.rank}: {op} failed in phase {self.watch.phase!r} with peers "
+                f"{list(peers)} and no rank recorded a failure: {exc}",
+                phase=self.watch.phase) from exc
+
     def isend(self, t: torch.Tensor, dst: int, phase: str):
         self._log(phase, "send", t)
         return dist.isend(t.contiguous(), self._peer(dst), group=self.group)
 
-    def recv(self, t: torch.Tensor, src: int) -> torch.Tensor:
+    def wait_send(self, work, dst: int, phase: str) -> None:
+        self.wait(work, f"send {phase} to rank {self._peer(dst)}", [self._peer(dst)], p2p=True)
+
+    def recv(self, t: torch.Tensor, src: int, phase: str = "recv") -> torch.Tensor:
         """Not recorded: the sender counts the transfer once."""
-        dist.recv(t, self._peer(src), group=self.group)
+        work = dist.irecv(t, self._peer(src), group=self.group)
+        self.wait(work, f"recv {phase} from rank {self._peer(src)}", [self._peer(src)], p2p=True)
         return t
 
     def all_gather(self, t: torch.Tensor, phase: str) -> torch.Tensor:
@@ -125,17 +319,28 @@ class Comm:
         t = t.contiguous()
         out = [torch.empty_like(t) for _ in range(self.world)]
         self._log(phase, "all_gather", t, t.numel() * self.world)
-        dist.all_gather(out, t, group=self.group)
+        work = dist.all_gather(out, t, group=self.group, async_op=True)
+        self.wait(work, f"all-gather {phase}", self._ranks(None))
         return torch.stack(out)
 
-    def broadcast(self, t: torch.Tensor, src: int, phase: str) -> torch.Tensor:
+    def broadcast(self, t: torch.Tensor, src: int, phase: str, group=None) -> torch.Tensor:
         self._log(phase, "broadcast", t)
-        dist.broadcast(t, self._peer(src), group=self.group)
+        g = self.group if group is None else group
+        work = dist.broadcast(t, self._peer(src, group), group=g, async_op=True)
+        self.wait(work, f"broadcast {phase}", self._ranks(group))
         return t
 
-    def all_reduce(self, t: torch.Tensor, phase: str) -> torch.Tensor:
-        self._log(phase, "all_reduce", t)
-        dist.all_reduce(t, group=self.group)
+    def all_reduce_async(self, t: torch.Tensor, phase: str, group=None, op: str = "all_reduce"):
+        """Launch an all-reduce (sum); :meth:`finish` waits for it."""
+        self._log(phase, op, t)
+        g = self.group if group is None else group
+        return dist.all_reduce(t, group=g, async_op=True), f"all-reduce {phase}", self._ranks(group)
+
+    def finish(self, handle) -> None:
+        self.wait(*handle)
+
+    def all_reduce(self, t: torch.Tensor, phase: str, group=None) -> torch.Tensor:
+        self.finish(self.all_reduce_async(t, phase, group))
         return t
 
     def local_bytes(self) -> dict[str, int]:
@@ -145,44 +350,63 @@ class Comm:
         return out
 
     def totals(self) -> dict[str, int]:
-        """Bytes per phase over the whole group (collective): sends summed over senders,
-        each collective counted once."""
-        mine = {"p2p": {}, "coll": {}}
+        """Bytes per phase over the whole group (collective): sends and dp all-reduces
+        summed over the group's ranks (each has its own), other collectives counted once."""
+        mine = {"per_rank": {}, "coll": {}}
         for r in self.records:
-            d = mine["p2p" if r.op == "send" else "coll"]
+            d = mine["per_rank" if r.op in _PER_RANK_OPS else "coll"]
             d[r.phase] = d.get(r.phase, 0) + r.bytes
         every: list = [None] * self.world
         dist.all_gather_object(every, mine, group=self.group)
         out: dict[str, int] = dict(every[0]["coll"])
         for e in every:
-            for ph, b in e["p2p"].items():
+            for ph, b in e["per_rank"].items():
                 out[ph] = out.get(ph, 0) + b
         return out
+
+
+def _flat_by_dtype(params: Sequence[nn.Parameter]) -> list[tuple[list[nn.Parameter], torch.Tensor]]:
+    """One flat buffer per dtype of the parameters' gradients (zeros where a rank did not
+    touch a parameter), in a fixed order that every rank sharing the list agrees on, then
+    one 0/1 flag per parameter: "this rank has a gradient". Summed, the flags tell a
+    gradient of zero from none at all (autograd's None, which optimizers skip)."""
+    by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+    for p in params:
+        by_dtype.setdefault(p.dtype, []).append(p)
+    out = []
+    for ps in by_dtype.values():
+        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps]
+        flags = torch.tensor([p.grad is not None for p in ps], dtype=ps[0].dtype,
+                             device=ps[0].device)
+        out.append((ps, torch.cat([*grads, flags])))
+    return out
+
+
+def _unflatten_into(ps: Sequence[nn.Parameter], flat: torch.Tensor, scale: float = 1.0) -> None:
+    flags = flat[len(flat) - len(ps):]
+    i = 0
+    for p, has in zip(ps, flags.tolist()):
+        g = flat[i: i + p.numel()].view_as(p)
+        p.grad = None if has == 0 else g * scale if scale != 1.0 else g.clone()
+        i += p.numel()
 
 
 def _sum_shared(comm: Comm, params: Sequence[nn.Parameter]) -> None:
     """All-reduce (sum) the gradients of parameters several ranks contribute to: one flat
     buffer per dtype. A rank that did not touch one contributes zeros."""
-    by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
-    for p in params:
-        by_dtype.setdefault(p.dtype, []).append(p)
-    for ps in by_dtype.values():
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                          for p in ps])
+    for ps, flat in _flat_by_dtype(params):
         comm.all_reduce(flat, "grad_allreduce")
-        i = 0
-        for p in ps:
-            p.grad = flat[i: i + p.numel()].view_as(p).clone()
-            i += p.numel()
+        _unflatten_into(ps, flat)
 
 
-def sync_from_rank0(comm: Comm, module: nn.Module) -> None:
-    """Broadcast every parameter and buffer from rank 0 (phase ``init_broadcast``), as DDP
-    does: the interface modules ``transform`` adds draw from the global RNG, so ranks that
-    did not seed identically would otherwise hold different models."""
+def sync_from_rank0(comm: Comm, module: nn.Module, group=None) -> None:
+    """Broadcast every parameter and buffer from rank 0 of ``group`` (default: the comm's)
+    (phase ``init_broadcast``), as DDP does: the interface modules ``transform`` adds draw
+    from the global RNG, so ranks that did not seed identically would otherwise hold
+    different models."""
     with torch.no_grad():
         for t in [*module.parameters(), *module.buffers()]:
-            comm.broadcast(t.data, 0, "init_broadcast")
+            comm.broadcast(t.data, 0, "init_broadcast", group=group)
 
 
 def _add_grad(p: torch.Tensor, g: torch.Tensor | None) -> None:
@@ -211,51 +435,148 @@ class _Timer:
         return _Ctx()
 
 
+# -- meshes ----------------------------------------------------------------------------
+
+MESH_DIMS = ("dp", "region")
+
+
+def mesh_groups(mesh, group, K: int) -> tuple:
+    """(dp group, region group) for ``RegionParallel``; refuses a bad mesh before any
+    collective. Without a mesh: (None, ``group``)."""
+    if mesh is None:
+        return None, group
+    if group is not None:
+        raise InputError("RegionParallel got both group= and mesh=: pass the mesh alone (its "
+                         "'region' dim is the group the regions are placed over)")
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if not isinstance(mesh, DeviceMesh):
+        raise InputError(f"mesh= must be a torch.distributed.device_mesh.DeviceMesh, got "
+                         f"{type(mesh).__name__}")
+    names = tuple(mesh.mesh_dim_names or ())
+    if names != MESH_DIMS:
+        raise InputError(
+            f"mesh dims are named {names or 'nothing'}; RegionParallel needs {MESH_DIMS}: "
+            "init_device_mesh(device, (dp, region_ranks), mesh_dim_names=('dp', 'region'))")
+    n_region = mesh.mesh.shape[1]
+    if n_region > K:
+        raise InputError(f"mesh dim 'region' has {n_region} ranks but the model has {K} regions: "
+                         f"every region rank needs a region, so use at most {K}")
+    if mesh.mesh.numel() != dist.get_world_size():
+        raise InputError(f"the mesh holds {mesh.mesh.numel()} ranks, the default process group "
+                         f"{dist.get_world_size()}: the mesh must span every rank")
+    return mesh.get_group("dp"), mesh.get_group("region")
+
+
+def shard_batch(batch, rp: RegionParallel):
+    """This rank's share of a global batch, as DDP users feed it: rows
+    ``[i * B/dp, (i+1) * B/dp)`` (dim 0) of every tensor in ``batch`` (a tensor or a nested
+    tuple / list / dict) for dp replica i. Ranks of one replica get the same rows."""
+    dp, i = rp.dp_size, rp.dp_rank
+
+    def cut(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        if t.dim() == 0 or t.shape[0] % dp:
+            raise InputError(f"a batch of {tuple(t.shape)} does not split over dp={dp} replicas "
+                             "along dim 0: use a global batch size divisible by the mesh's "
+                             "'dp' dim")
+        n = t.shape[0] // dp
+        return t[i * n: (i + 1) * n]
+
+    return pytree.tree_map(cut, batch)
+
+
 # -- region parallelism ---------------------------------------------------------------
 
 class RegionParallel:
-    """Runs one ``LBIModule`` with its regions spread over a process group.
+    """Runs one ``LBIModule`` with its regions spread over a process group, or over the
+    ``"region"`` dim of a ``("dp", "region")`` device mesh with data parallelism over
+    ``"dp"``.
 
-    Every rank holds the full module (same initialisation); rank j only computes with
-    its own regions, the prologue, and (last rank) the epilogue. After :meth:`step` each
-    rank's ``.grad`` is exact for the parameters it uses (:attr:`used`); parameters of
-    other ranks' regions keep ``grad = None``.
+    Every rank holds the full module (synchronised from global rank 0); rank j of the
+    region group only computes with its own regions, the prologue, and (last rank) the
+    epilogue. Each dp replica is fed its own shard of the batch (the caller passes the
+    local shard, as with DDP; :func:`shard_batch` cuts one from a global batch). After
+    :meth:`step` each rank's ``.grad`` equals the gradient of the mean loss over the
+    global batch for the parameters it uses (:attr:`used`); parameters of other ranks'
+    regions keep ``grad = None``.
+
+    Attributes: ``lbi``, ``mesh`` (or None), ``dp_group`` (None without a mesh),
+    ``region_group``, ``rank`` (this rank's position in the region group, i.e. which
+    regions it runs), ``dp_rank``, ``dp_size``, ``global_rank``, ``used``, ``timeout``.
     """
 
-    def __init__(self, lbi: nn.Module, group=None, comm: Comm | None = None,
-                 sync_params: bool = True):
-        self.lbi = lbi
-        self.comm = comm or Comm(group)
-        self.rank, self.world = self.comm.rank, self.comm.world
+    # names this object's store keys, with its ranks: the ranks of one group construct
+    # their RegionParallels in the same order
+    _instances = 0
+
+    def __init__(self, lbi: nn.Module, group=None, *, mesh=None, timeout: float = 60.0,
+                 comm: Comm | None = None, sync_params: bool = True):
+        if not hasattr(lbi, "run_regions"):
+            raise InputError(f"RegionParallel needs an LBIModule (lbi_fx.transform's result), "
+                             f"got {type(lbi).__name__}")
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+            raise InputError(f"timeout={timeout!r}: seconds a rank waits for its peers, > 0")
+        self.lbi, self.mesh, self.timeout = lbi, mesh, float(timeout)
         self.K = lbi.num_regions
+        self.dp_group, self.region_group = mesh_groups(mesh, group, self.K)
+        self.comm = comm or Comm(self.region_group)
+        if mesh is not None:
+            self.comm.group = self.region_group
+        self.rank, self.world = self.comm.rank, self.comm.world
+        self.global_rank = dist.get_rank()
+        self.dp_size = 1 if self.dp_group is None else dist.get_world_size(self.dp_group)
+        self.dp_rank = 0 if self.dp_group is None else dist.get_rank(self.dp_group)
+        # the parameters several region ranks use are summed over this group (whole mesh)
+        self.world_group = self.region_group if mesh is None else dist.group.WORLD
         self.place = placement(self.K, self.world)
         self.owner = {k: j for j, ks in enumerate(self.place) for k in ks}
         self.slot = {k: i for ks in self.place for i, k in enumerate(ks)}
         self.mine = self.place[self.rank]
         self.last = self.world - 1
-        c = lbi._build()
+        progs = lbi.programs
         names = {id(p): n for n, p in lbi.named_parameters()}
         users: dict[int, set[int]] = {}
-        for p in _trainable(c["prologue"]):
+        for p in _trainable(progs["prologue"]):
             users.setdefault(id(p), set()).update(range(self.world))
-        for p in _trainable(c["epilogue"]):
+        for p in _trainable(progs["epilogue"]):
             users.setdefault(id(p), set()).add(self.last)
-        for k, rgm in enumerate(c["regions"]):
+        for k, rgm in enumerate(progs["regions"]):
             for p in _trainable(rgm):
                 users.setdefault(id(p), set()).add(self.owner[k])
+        self.n_params = len({id(p) for rgm in progs["regions"] for p in _trainable(rgm)})
         self.users = {names[i]: sorted(u) for i, u in users.items()}
         params = dict(lbi.named_parameters())
         self.shared = [params[n] for n, u in self.users.items() if len(u) > 1]
         self.used = sorted(n for n, u in self.users.items() if self.rank in u)
+        # averaged over dp alone: the same list on every rank of this rank's dp group
+        self.own = [params[n] for n in self.used if len(self.users[n]) == 1]
         self._check_crossings()
         self.timings: dict[str, float] = {}
+        RegionParallel._instances += 1
+        members = self.comm._ranks(self.world_group)
+        self.watch = Watch(dist.distributed_c10d._get_default_store(),
+                           f"lbi_fx/rp{RegionParallel._instances}/{'-'.join(map(str, members))}",
+                           self.global_rank, self.timeout, self._roles())
+        if self.comm.watch is None:
+            self.comm.watch = self.watch
         if sync_params:
-            sync_from_rank0(self.comm, lbi)
+            sync_from_rank0(self.comm, lbi, group=self.world_group)
+
+    def _roles(self) -> dict[int, dict]:
+        """Every rank's regions and dp replica, by global rank (for failure messages)."""
+        if self.mesh is None:
+            ranks = self.comm._ranks(self.region_group)
+            return {g: dict(regions=self.place[j], dp=0) for j, g in enumerate(ranks)}
+        grid = self.mesh.mesh.tolist()
+        return {g: dict(regions=self.place[j], dp=d)
+                for d, row in enumerate(grid) for j, g in enumerate(row)}
 
     def _check_crossings(self) -> None:
         """Only m_k may cross between ranks; anything else a region (or the epilogue)
         reads from another rank's region would need a hidden-size transfer."""
-        spec = self.lbi._programs_spec
+        spec = self.lbi.program_spec
         made = {n: k for k, p in enumerate(spec.regions) for n in p.outputs}
         readers = [(k, p, self.owner[k]) for k, p in enumerate(spec.regions)]
         readers.append(("epilogue", spec.epilogue, self.last))
@@ -272,78 +593,53 @@ class RegionParallel:
 
     # forward ------------------------------------------------------------------------
     def _forward(self, inputs: Sequence, loss_fn: Callable) -> dict:
-        lbi, comm, K, T = self.lbi, self.comm, self.K, _Timer()
-        c, spec = lbi._build(), lbi._programs_spec
+        lbi, comm, K, T, W = self.lbi, self.comm, self.K, _Timer(), self.watch
+        W.enter("forward")
         with torch.enable_grad(), T("prologue"):
-            pro = c["prologue"](*lbi._flatten(tuple(inputs), {}))
-        pro_env = dict(zip(spec.prologue.outputs, pro))
-        statics = [pro_env[n] for n in c["static_names"]]
-        env = dict(pro_env)
-        env.update(zip(c["static_names"], [_leaf(s) for s in statics]))
-        m0 = pro_env[spec.m_nodes[0]]
+            pro_env = lbi.run_prologue(tuple(inputs))
+        m0, statics = lbi.chain_inputs(pro_env)
+        env = lbi.chain_env(pro_env, statics)
         widths = [lbi.ranks[0], *lbi.ranks]
-        keep = lbi.jacobian != "recompute"
-        caches: list[RegionCache | None] = [None] * K
-        k0 = self.mine[0]
+        k0, k1 = self.mine[0], self.mine[-1] + 1
         if k0 == 0:
-            m = _leaf(m0, force=True)
+            m = m0.detach().requires_grad_(True)
         else:
             with T("recv_m"):
-                m = comm.recv(m0.new_empty(m0.shape[0], widths[k0]), self.rank - 1)
+                m = comm.recv(m0.new_empty(m0.shape[0], widths[k0]), self.rank - 1, "forward_m")
             m.requires_grad_(True)
         with T("forward"):
-            for k in self.mine:
-                prog, rgm = spec.regions[k], c["regions"][k]
-                env[spec.m_nodes[k]] = m
-                args = [env[n] for n in prog.inputs]
-                m_slot = prog.inputs.index(spec.m_nodes[k]) if spec.m_nodes[k] in prog.inputs else None
-                rng = RngSnapshot.take(m.device)
-                with torch.set_grad_enabled(keep):
-                    res = rgm(*args)
-                env.update(zip(prog.outputs, res))
-                picks = ([prog.outputs.index(spec.m_nodes[k + 1])] if k < K - 1 else
-                         [i for i, r in enumerate(res) if isinstance(r, torch.Tensor)])
-                slots, names = lbi._static_slots(k)
-                caches[k] = RegionCache(
-                    m_in=m, outs=[res[i] for i in picks],
-                    static=[(s, env[n]) for s, n in zip(slots, names)],
-                    params=[(i, c["params"][i]) for i in c["region_params"][k]],
-                    replay=_replayer(rgm, args, m_slot, picks, rng), kept=keep)
-                if k < K - 1:
-                    m = _leaf(caches[k].outs[0].detach(), force=True)
-        sent = comm.isend(m.detach(), self.rank + 1, "forward_m") if self.mine[-1] < K - 1 else None
-        state = ChainState(
-            caches=caches, ranks=widths, n_static=len(statics), n_params=len(c["params"]),
-            jacobian=lbi.jacobian, chunk=lbi.chunk, scan_backend=lbi.scan_backend,
-            batched_ok=lbi._batched_ok, choice=lbi._jacobian_choice)
+            caches: list = [None] * K
+            caches[k0:k1] = lbi.run_regions(env, m, k0, k1)
+        sent = None
+        if k1 < K:
+            sent = comm.isend(caches[k1 - 1].outs[0].detach(), self.rank + 1, "forward_m")
+        state = lbi.chain_state(caches, len(statics), self.n_params)
         # Algorithm 2, line 3: J_k as soon as region k's forward is done; the next rank
         # already has m_{k+1} and runs its forward meanwhile.
+        W.enter("jacobian")
         with T("jacobian"):
             jac = {k: region_jacobian(state, k) for k in self.mine if k < K - 1}
-        loss = None
+        loss, leaves = None, []
         if self.rank == self.last:
-            last_prog = spec.regions[K - 1]
-            tensor_names = [n for n in last_prog.outputs if isinstance(env[n], torch.Tensor)]
+            W.enter("epilogue")
+            names = [n for n in lbi.program_spec.regions[K - 1].outputs
+                     if isinstance(env[n], torch.Tensor)]
             leaves = [o.detach().requires_grad_(o.requires_grad) for o in caches[K - 1].outs]
-            epi_env = {**env, **pro_env, **dict(zip(tensor_names, leaves))}
+            # the prologue's own outputs (not the chain's leaves): the epilogue's gradient
+            # to them flows back through the prologue with the loss's backward
+            epi_env = {**env, **pro_env, **dict(zip(names, leaves))}
             with torch.enable_grad(), T("epilogue"):
-                out = c["epilogue"](*[epi_env[n] for n in spec.epilogue.inputs])
-                info = lbi._pytree_info
-                if info is not None and info.out_spec is not None:
-                    out = pytree.tree_unflatten(list(out), info.out_spec)
-                loss = loss_fn(out)
-        else:
-            leaves = []
+                loss = loss_fn(lbi.run_epilogue(epi_env))
         if sent is not None:
             with T("send_wait"):
-                sent.wait()
+                comm.wait_send(sent, self.rank + 1, "forward_m")
         return dict(state=state, jac=jac, statics=statics, m0=m0, leaves=leaves, loss=loss,
                     widths=widths, timer=T)
 
     # backward -----------------------------------------------------------------------
     def _backward(self, f: dict) -> None:
-        comm, K, T, state, widths = self.comm, self.K, f["timer"], f["state"], f["widths"]
-        m0 = f["m0"]
+        comm, K, T, state, W = self.comm, self.K, f["timer"], f["state"], self.watch
+        m0, widths = f["m0"], f["widths"]
         B, dtype, r = m0.shape[0], m0.dtype, state.r_max
         static_grads: list[torch.Tensor | None] = [None] * len(f["statics"])
 
@@ -356,60 +652,110 @@ class RegionParallel:
             for (_, p), g in zip(cache.params, grads[ns:]):
                 _add_grad(p, g)
 
+        payload = m0.new_zeros(B, max(len(p) for p in self.place), r, r)
         mbar_last = m0.new_zeros(B, widths[K - 1])
         if self.rank == self.last:
+            W.enter("backward-seed")
             with T("seed"):
                 # retain: the epilogue may read prologue outputs, backwarded again below
                 f["loss"].backward(retain_graph=True)
                 seed = last_region_vjp(state, *[leaf.grad for leaf in f["leaves"]])
-                mbar_last = seed[0].detach().to(dtype)
                 apply(K - 1, seed[1:])
-        payload = m0.new_zeros(B, max(len(p) for p in self.place), r, r)
+            if seed[0] is not None:
+                mbar_last = seed[0].detach().to(dtype)
+                # region K-1 has no J: its slot carries "mbar_{K-1} exists" at no extra bytes
+                payload[:, self.slot[K - 1], 0, 0] = 1
         for k, J in f["jac"].items():
             payload[:, self.slot[k]] = J
+        W.enter("scan-exchange")
         with T("allgather"):
             gathered = comm.all_gather(payload, "scan_allgather")
         with T("broadcast"):
             comm.broadcast(mbar_last, self.last, "mbar_broadcast")
+        has_mbar = bool(gathered[self.last, 0, self.slot[K - 1], 0, 0] == 1)
         k0 = self.mine[0]
-        mbar = {K - 1: mbar_last}
+        mbar = {K - 1: mbar_last if has_mbar else None}
         if k0 < K - 1:
+            W.enter("scan")
             with T("scan"):
-                J = torch.stack([gathered[self.owner[k], :, self.slot[k]] for k in range(k0, K - 1)], 1)
+                J = torch.stack([gathered[self.owner[k], :, self.slot[k]]
+                                 for k in range(k0, K - 1)], 1)
                 P = suffix_scan(J, state.scan_backend)           # P_k = J_k^T ... J_{K-2}^T
-                g = F.pad(mbar_last, (0, r - mbar_last.shape[-1])).to(P.dtype)
-                allm = torch.matmul(P, g[:, None, :, None]).squeeze(-1)
-                for i, k in enumerate(range(k0, K - 1)):
-                    mbar[k] = allm[:, i, : widths[k]].to(dtype)
+                adj = interface_adjoints(state, P, mbar[K - 1], start=k0)
+                mbar.update({k0 + i: a for i, a in enumerate(adj)})
+        W.enter("local")
         with T("local"):
             for k in self.mine:
                 if k < K - 1:
                     apply(k, region_local_vjp(state, k, mbar[k + 1]))
+        # the parameters only this region rank uses are final: average them over dp now,
+        # while the prologue backward runs (gloo reduces on its own thread)
+        dp = None
+        if self.dp_group is not None:
+            dp = [(ps, flat, comm.all_reduce_async(flat, "dp_allreduce", self.dp_group,
+                                                   op="dp_all_reduce"))
+                  for ps, flat in _flat_by_dtype(self.own)]
+        W.enter("prologue-backward")
         with T("prologue_bwd"):
             roots, grads = [], []
             for s, g in zip(f["statics"], static_grads):
                 if g is not None and s.requires_grad:
                     roots.append(s)
                     grads.append(g)
-            if k0 == 0 and m0.requires_grad:
+            if k0 == 0 and m0.requires_grad and mbar[0] is not None:
                 roots.append(m0)
                 grads.append(mbar[0])
             if roots:
                 torch.autograd.backward(roots, grads)
+        W.enter("allreduce")
         with T("allreduce"):
-            _sum_shared(comm, self.shared)
+            for ps, flat in _flat_by_dtype(self.shared):
+                comm.all_reduce(flat, "grad_allreduce", self.world_group)
+                _unflatten_into(ps, flat, 1.0 / self.dp_size)
+        with T("dp_wait"):  # what the overlap did not hide
+            for ps, flat, handle in dp or ():
+                comm.finish(handle)
+                _unflatten_into(ps, flat, 1.0 / self.dp_size)
 
     def step(self, inputs: Sequence, loss_fn: Callable) -> float:
-        """Forward + backward; fills ``.grad``; returns the loss (broadcast to every rank).
-        Zero the gradients before calling (``optimizer.zero_grad()``)."""
-        f = self._forward(inputs, loss_fn)
-        self._backward(f)
-        loss = f["loss"]
-        val = (loss.detach().reshape(1).double() if loss is not None
-               else f["m0"].new_zeros(1, dtype=torch.float64))
-        self.comm.broadcast(val, self.last, "loss")
+        """Forward + backward on this replica's shard ``inputs``; fills ``.grad`` with the
+        gradient of the mean loss over the global batch; returns that loss on every rank.
+        Zero the gradients before calling (``optimizer.zero_grad()``). A failure here is
+        published to the other ranks before it is raised (see the module docstring)."""
+        W = self.watch
+        W.step += 1
+        try:
+            f = self._forward(inputs, loss_fn)
+            self._backward(f)
+            W.enter("loss")
+            return self._loss(f)
+        except (PeerFailedError, DistributedTimeout):
+            raise  # a peer's failure, or a timeout this rank already published
+        except DistributedError as exc:
+            W.fail(exc)
+            raise
+        except BaseException as exc:
+            W.fail(exc)
+            raise
+
+    def _loss(self, f: dict) -> float:
+        """The global mean loss: the dp mean of the replicas' losses, summed over the mesh
+        in float64 with each replica's batch size and its square, which are equal across
+        ranks iff every replica got the same number of samples (DDP's averaging needs it)."""
+        loss, B = f["loss"], float(f["m0"].shape[0])
+        val = f["m0"].new_zeros(3, dtype=torch.float64)
+        if loss is not None:
+            val[0] = loss.detach().double() / self.dp_size
+        val[1], val[2] = B, B * B
+        self.comm.all_reduce(val, "loss", self.world_group)
         self.timings = f["timer"].t
-        return float(val)
+        n = self.world * self.dp_size
+        if float(val[1]) != n * B or float(val[2]) != n * B * B:
+            raise InputError(
+                f"dp replicas were fed different batch sizes (this one {int(B)}, mean "
+                f"{float(val[1]) / n:g}): averaging gradients over dp gives the mean loss only "
+                "for equal shards; cut them with lbi_fx.distributed.shard_batch")
+        return float(val[0])
 
 
 # -- pipeline-parallel baseline ---------------------------------------------------------
@@ -490,3 +836,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+from lbi_fx.checkpoint import load, save  # noqa: E402,F401  (re-exported: rp's checkpoints)

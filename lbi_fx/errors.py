@@ -55,3 +55,26 @@ class InternalError(Exception):
         super().__init__(f"{message}. This is a bug in lbi-fx: please report it with the "
                          "model, the call and this traceback")
         self.original = original
+
+
+class CheckpointError(LBIError):
+    """A checkpoint does not fit the run loading it (another model, K, placement), or is
+    incomplete."""
+
+
+class DistributedError(LBIError):
+    """A distributed step could not finish; ``rank``, ``regions`` and ``phase`` name where."""
+
+    def __init__(self, message: str, rank: int | None = None, regions=(), phase: str = ""):
+        super().__init__(message)
+        self.rank, self.regions, self.phase = rank, list(regions), phase
+
+
+class PeerFailedError(DistributedError):
+    """Another rank's step raised; this rank stopped waiting for it (``rank`` is the failed
+    one, ``phase`` where it failed)."""
+
+
+class DistributedTimeout(DistributedError):
+    """A peer did not reach a collective within ``RegionParallel``'s ``timeout``: stuck,
+    dead, or slower than the timeout allows (``rank``: the first rank missing)."""

@@ -18,6 +18,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from lbi_fx.choices import Explanation, RegionChoices, RegionExplanation, explain_region
 from lbi_fx.errors import InputError
 from lbi_fx.passes.build_backward import build_backward_graph
 from lbi_fx.passes.split_places import Programs
@@ -64,14 +65,14 @@ class LBIModule(nn.Module):
         self.chunk = chunk
         self._timings: dict | None = None
         self._where: int | None = None  # region running now (for error messages)
-        self._jacobian_choice: dict[int, str] = {}  # region -> strategy picked by "auto"
+        # per region: auto's strategy, batched VJPs or rows, probe timings, fallbacks
+        self.region_choices = RegionChoices()
         self.scan_backend = scan_backend
         self.check_finite = check_finite
         self.capture = capture
         self._pytree_info = pytree_info
         self._backward = "scan"
         self._compiled = None
-        self._batched_ok: dict[int, bool] = {}  # per region: do batched VJPs work? (probed once)
         self._record: dict = {}  # J_k and suffix products of the last scan backward
 
     # -- configuration -------------------------------------------------------------
@@ -97,12 +98,36 @@ class LBIModule(nn.Module):
         state["_timings"] = None
         state["_where"] = None
         state["_record"] = {}
+        state["region_choices"] = RegionChoices()  # decided afresh where it is loaded
         return state
 
     def _apply(self, fn, recurse=True):
-        # .to()/.double() may replace tensors: rebuild programs that hold references.
+        # .to()/.double() may replace tensors: rebuild programs that hold references; a
+        # new dtype or device may change which Jacobian strategy works or is fastest.
         self._compiled = None
-        return super()._apply(fn, recurse)
+        before = _placement(self)
+        out = super()._apply(fn, recurse)
+        if _placement(self) != before:
+            self.region_choices.clear()
+        return out
+
+    def train(self, mode: bool = True):
+        # train/eval switches dropout and attention kernels (CPU flash attention has no
+        # forward-mode rule): the per-region choices are made again at the next backward.
+        before = [m.training for m in self.modules()]
+        out = super().train(mode)
+        if [m.training for m in self.modules()] != before:
+            self.region_choices.clear()
+        return out
+
+    # read by lbi_fx.bench.step and older callers: views of ``region_choices``
+    @property
+    def _jacobian_choice(self) -> dict[int, str]:
+        return self.region_choices.jacobian
+
+    @property
+    def _batched_ok(self) -> dict[int, bool]:
+        return self.region_choices.batched
 
     # -- programs ------------------------------------------------------------------
     def _build(self) -> dict:
@@ -200,9 +225,7 @@ class LBIModule(nn.Module):
     def forward(self, *args, **kwargs):
         c = self._build()
         spec = self._programs_spec
-        flat = self._flatten(args, kwargs)
-        pro = c["prologue"](*flat)
-        env = dict(zip(spec.prologue.outputs, pro))
+        env = self.run_prologue(args, kwargs)
         use_scan = self._backward == "scan" and torch.is_grad_enabled() and _any_grad(
             [env[spec.m_nodes[0]], *[env[n] for n in c["static_names"]], *c["params"]])
         if use_scan:
@@ -213,10 +236,7 @@ class LBIModule(nn.Module):
             env.update(zip(self._last_tensor_outputs(), outs))
         else:
             self._run_plain(env)
-        out = c["epilogue"](*[env[n] for n in spec.epilogue.inputs])
-        if self._pytree_info is not None and self._pytree_info.out_spec is not None:
-            return pytree.tree_unflatten(list(out), self._pytree_info.out_spec)
-        return out
+        return self.run_epilogue(env)
 
     def _run_plain(self, env: dict) -> None:
         c = self._build()
@@ -224,25 +244,50 @@ class LBIModule(nn.Module):
             outs = rgm(*[env[n] for n in prog.inputs])
             env.update(zip(prog.outputs, outs))
 
-    # called by LBIChain.forward
-    def run_chain(self, call: _Call, m0, static, params, keep: bool | None = None):
-        """Run the regions in order on detached inputs; return the backward's state and the
-        last region's tensor outputs. ``keep``: keep region graphs (default: as the
+    # -- the chain, one range of regions at a time ---------------------------------------
+    # ``LBIChain`` runs all K regions in one process; ``lbi_fx.distributed.RegionParallel``
+    # runs each rank's contiguous range with the same methods, so a fix lands once.
+    @property
+    def program_spec(self) -> Programs:
+        """Prologue / region / epilogue programs: their input and output node names and the
+        interface nodes ``m_nodes`` (read-only)."""
+        return self._programs_spec
+
+    def run_prologue(self, args: Sequence, kwargs: dict | None = None) -> dict:
+        """Run the prologue on the model's inputs; its outputs by node name (canvas, m_0,
+        masks, ...)."""
+        spec = self._programs_spec
+        pro = self._build()["prologue"](*self._flatten(tuple(args), kwargs or {}))
+        return dict(zip(spec.prologue.outputs, pro))
+
+    def chain_inputs(self, env: dict) -> tuple[torch.Tensor, list]:
+        """(m_0, the chain's static tensors in slot order) from the prologue's outputs."""
+        return env[self._programs_spec.m_nodes[0]], [env[n] for n in self._build()["static_names"]]
+
+    def chain_env(self, env: dict, static: Sequence) -> dict:
+        """A copy of ``env`` whose static inputs are detached leaves: each region's graph
+        then ends at them, and their gradients are summed by the chain, not by autograd."""
+        out = dict(env)
+        out.update(zip(self._build()["static_names"], [_leaf(s) for s in static]))
+        return out
+
+    def run_regions(self, env: dict, m: torch.Tensor, start: int, stop: int,
+                    keep: bool | None = None) -> list[RegionCache]:
+        """Run regions ``start .. stop-1`` in order, region ``start`` reading the leaf ``m``
+        as its m_k; ``env`` (node name -> value) is read and extended in place. Returns the
+        regions' caches C_k. Each m_{k+1} enters the next region detached, so a region's
+        graph never reaches another's. ``keep``: keep region graphs (default: as the
         Jacobian strategy needs)."""
         import time
 
         c = self._build()
         spec = self._programs_spec
         keep = self.jacobian != "recompute" if keep is None else keep
-        env = dict(call.env)
-        leaves = [_leaf(s) for s in static]
-        env.update(zip(c["static_names"], leaves))
-        caches = []
-        m = _leaf(m0, force=True)
-        outs: list[torch.Tensor] = []
+        caches: list[RegionCache] = []
         timings = self._timings
         last = self.num_regions - 1
-        for k, (prog, rgm) in enumerate(zip(spec.regions, c["regions"])):
+        for k in range(start, stop):
+            prog, rgm = spec.regions[k], c["regions"][k]
             env[spec.m_nodes[k]] = m
             args = [env[n] for n in prog.inputs]
             m_slot = prog.inputs.index(spec.m_nodes[k]) if spec.m_nodes[k] in prog.inputs else None
@@ -266,29 +311,50 @@ class LBIModule(nn.Module):
                 kept=keep,
                 **self._head_rows(k, rng),
             )
-            if k < last:
+            if k < stop - 1:
                 m = _leaf(cache.outs[0].detach(), force=True)
-            else:
-                outs = cache.outs
             caches.append(cache)
-        call.out_env = {n: env[n] for p in spec.regions for n in p.outputs
-                        if not isinstance(env.get(n), torch.Tensor)}
-        state = ChainState(
+        return caches
+
+    def chain_state(self, caches: list, n_static: int, n_params: int) -> ChainState:
+        """The backward's state over ``caches``: a list of K, where a rank that runs only
+        some regions leaves the others None. Carries this module's settings (strategy,
+        ``check_finite``, scan backend) and its per-region choices."""
+        return ChainState(
             caches=caches,
             ranks=[self.ranks[0], *self.ranks],
-            n_static=len(static),
-            n_params=len(params),
+            n_static=n_static,
+            n_params=n_params,
             jacobian=self.jacobian,
             chunk=self.chunk,
             scan_backend=self.scan_backend,
             check_finite=self.check_finite,
-            batched_ok=self._batched_ok,
-            choice=self._jacobian_choice,
-            timings=timings,
+            choices=self.region_choices,
+            timings=self._timings,
         )
+
+    def run_epilogue(self, env: dict):
+        """Run the epilogue on ``env``; the model's output, in its original structure."""
+        spec = self._programs_spec
+        out = self._build()["epilogue"](*[env[n] for n in spec.epilogue.inputs])
+        if self._pytree_info is not None and self._pytree_info.out_spec is not None:
+            return pytree.tree_unflatten(list(out), self._pytree_info.out_spec)
+        return out
+
+    # called by LBIChain.forward
+    def run_chain(self, call: _Call, m0, static, params, keep: bool | None = None):
+        """Run all regions in order on detached inputs; return the backward's state and the
+        last region's tensor outputs. ``keep``: keep region graphs (default: as the
+        Jacobian strategy needs)."""
+        spec = self._programs_spec
+        env = self.chain_env(call.env, static)
+        caches = self.run_regions(env, _leaf(m0, force=True), 0, self.num_regions, keep)
+        call.out_env = {n: env[n] for p in spec.regions for n in p.outputs
+                        if not isinstance(env.get(n), torch.Tensor)}
+        state = self.chain_state(caches, len(static), len(params))
         state.backward_program = self.backward_graph
         state.record = self._record = {}
-        return state, outs
+        return state, caches[-1].outs
 
     def _head_rows(self, k: int, rng: RngSnapshot) -> dict:
         """Region k's causal encoder gives row 0 of m_{k+1} from m_k alone (see
@@ -340,6 +406,30 @@ class LBIModule(nn.Module):
         finally:
             self._timings = None
 
+    def explain(self) -> Explanation:
+        """Per region: how the scan backward computes J_k (the strategy asked for, or the one
+        auto's probe picked with its timings), batched or per-row VJPs, and every fallback
+        a failure forced, with PyTorch's error; plus the scan backend, pool and interface
+        widths. Choices are made at the first backward after transform, ``.to()`` or
+        ``.train()``/``.eval()``. ``print(lbi.explain())`` for a readable listing."""
+        choices, last = self.region_choices, self.num_regions - 1
+        rows = []
+        for k in range(self.num_regions):
+            strategy, why, vjps = explain_region(choices, k, self.jacobian, k == last)
+            rows.append(RegionExplanation(
+                region=k, modules=list(self.regions[k]), width_in=self.ranks[max(k - 1, 0)],
+                width_out=None if k == last else self.ranks[k], jacobian=strategy, why=why,
+                vjps=vjps, fallbacks=dict(choices.fallbacks.get(k, {}))))
+        pool = getattr(self, "pool", "?")
+        segs = getattr(self, "segments", None)
+        header = (f"LBIModule: {self.num_regions} regions, interface widths {self.ranks} "
+                  f"(scalars per sample), pool {pool}"
+                  + (f" ({segs.count} causal segments)" if segs is not None else "")
+                  + f", jacobian={self.jacobian!r}, scan backend {self.scan_backend!r}"
+                  + (" (auto: triton on CUDA, else the sequential or chunked torch scan by "
+                     "shape)" if self.scan_backend == "auto" else ""))
+        return Explanation(rows, header)
+
     # -- checks ----------------------------------------------------------------------
     def lbi_verify(self, *, example_inputs: Sequence[object], rank=None, interfaces=None
                    ) -> SeparatorReport:
@@ -376,6 +466,11 @@ def adopt_state(dst: nn.Module, gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         if node.op == "get_attr" and "." not in node.target and not hasattr(dst, node.target):
             setattr(dst, node.target, getattr(gm, node.target))
+
+
+def _placement(module: nn.Module) -> frozenset:
+    """The (dtype, device) pairs of a module's tensors: what ``.to()`` and friends change."""
+    return frozenset((t.dtype, t.device) for t in (*module.parameters(), *module.buffers()))
 
 
 def _replayer(rgm, args: list, m_slot: int | None, picks: list[int], rng: RngSnapshot):

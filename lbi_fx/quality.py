@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import lbi_fx
 from lbi_fx.testing import prefix_loss
+from lbi_fx.training import RunConfig
 
 
 @dataclass(frozen=True)
@@ -65,20 +66,10 @@ def variants(budgets: tuple[int, ...], seq: int) -> list[Variant]:
 
 
 @dataclass
-class Config:
-    layers: int = 6
-    width: int = 64
+class Config(RunConfig):
     heads: int = 4
     region_size: int = 2
-    seq: int = 64
-    batch: int = 16
-    steps: int = 600
-    lr: float = 3e-3
-    eval_every: int = 100
-    eval_batches: int = 4
-    corpus_bytes: int = 4_000_000
     budgets: tuple[int, ...] = (16, 64)
-    seed: int = 0
     backward: str = "scan"  # LBI backward after the timed steps ("autograd": same gradients)
     timed_steps: int = 15   # the first steps always run the scan backward and are timed
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from lbi_fx.choices import RegionChoices
 from lbi_fx.errors import HigherOrderError, InternalError, LBIError, NonFiniteError
 from lbi_fx.failures import classify, region_of
 
@@ -110,6 +111,14 @@ class ChainState:
     where: str = ""                  # the region a phase is working on (for error messages)
     record: dict | None = None       # J_k and suffix products of this backward (spectra)
     retain: bool = False             # the outer backward's retain_graph: keep region graphs
+    choices: RegionChoices | None = None  # owner of ``choice`` and ``batched_ok`` (the module's)
+
+    def __post_init__(self) -> None:
+        # One place for the per-region decisions: ``choice``/``batched_ok`` are the dicts
+        # of ``choices`` (the module's ``RegionChoices``, cleared by .to()/.train()/...).
+        if self.choices is None:
+            self.choices = RegionChoices(jacobian=self.choice, batched=self.batched_ok)
+        self.choice, self.batched_ok = self.choices.jacobian, self.choices.batched
 
     @property
     def r_max(self) -> int:
@@ -159,8 +168,9 @@ def _jac_reuse(state: ChainState, k: int) -> torch.Tensor:
             rows = torch.autograd.grad(out, m_in, basis, retain_graph=True,
                                        is_grads_batched=True, allow_unused=True)[0]
             state.batched_ok[k] = True
-        except _AD_ERRORS:
+        except _AD_ERRORS as exc:  # CUDA out-of-memory included: rows for good, reported
             state.batched_ok[k] = False
+            state.choices.fell_back(k, "reuse-batched", exc)
     if not state.batched_ok[k]:
         rows = torch.stack([
             _zeros_if_none(torch.autograd.grad(out, m_in, b, retain_graph=True,
@@ -227,7 +237,10 @@ def _probe(state: ChainState, k: int) -> tuple[str, torch.Tensor]:
     (forward mode's first ``jvp`` under ``vmap`` takes seconds), which would otherwise
     decide region 0's choice."""
     best = None
+    state.choices.probe_runs += 1
+    timings = state.choices.probes.setdefault(k, {})
     for name, batched in (("forward", None), ("reuse", True), ("reuse", False)):
+        label = name if batched is None else f"reuse-{'batched' if batched else 'rows'}"
         if batched is not None:
             state.batched_ok[k] = batched
         dt = float("inf")
@@ -240,10 +253,14 @@ def _probe(state: ChainState, k: int) -> tuple[str, torch.Tensor]:
                     t0 = time.perf_counter()
                     jac = _JACOBIANS[name](state, k)
                     dt = min(dt, time.perf_counter() - t0)
-        except _AD_ERRORS:
+        except _AD_ERRORS as exc:  # muted above, reported once by region_jacobian
+            timings[label] = "failed"
+            state.choices.fell_back(k, label, exc)
             continue
         if batched is not None and not state.batched_ok[k] and batched:
+            timings[label] = "failed"
             continue  # batched VJPs failed and fell back to rows: timed below
+        timings[label] = dt
         if best is None or dt < best[0]:
             best = (dt, name, jac, batched)
     if best is None:  # nothing works: let reuse raise its own error
@@ -273,6 +290,7 @@ def region_jacobian(state: ChainState, k: int) -> torch.Tensor:
             _, jac = _probe(state, k)
         else:
             jac = _explicit(state, k, strategy)
+    state.choices.flush(k)  # a fallback decided above: one FallbackWarning per cause
     if state.check_finite and not torch.isfinite(jac).all():
         raise NonFiniteError(
             f"interface Jacobian J_{k} of region {k} has NaN or Inf entries: look for "
@@ -314,15 +332,19 @@ def stack_jacobians(jacobians: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(jacobians), dim=1)
 
 
-def interface_adjoints(state: ChainState, suffix: torch.Tensor, mbar_last: torch.Tensor) -> list:
-    """mbar_k = P_k mbar_{K-1} for k = 0..K-1, each cut back to its width r_k."""
+def interface_adjoints(state: ChainState, suffix: torch.Tensor, mbar_last: torch.Tensor | None,
+                       start: int = 0) -> list:
+    """mbar_k = P_k mbar_{K-1} for k = start.., each cut back to its width r_k. ``start``:
+    the suffix products begin at P_start (a rank of ``RegionParallel`` scans only the
+    Jacobians from its first region on). None throughout when mbar_{K-1} is None (the last
+    region ignores m_{K-1}): earlier regions get no gradient, as under autograd."""
     if state.record is not None:
         state.record["P"] = suffix.detach()
     if mbar_last is None:
-        return [None] * len(state.ranks)
+        return [None] * (len(state.ranks) - start)
     g = _pad(mbar_last, state.r_max).to(suffix.dtype)
-    allm = torch.matmul(suffix, g[:, None, :, None]).squeeze(-1)  # (B, K, r)
-    return [allm[:, k, : state.ranks[k]] for k in range(allm.shape[1])]
+    allm = torch.matmul(suffix, g[:, None, :, None]).squeeze(-1)  # (B, K - start, r)
+    return [allm[:, i, : state.ranks[start + i]] for i in range(allm.shape[1])]
 
 
 def region_local_vjp(state: ChainState, k: int, mbar_next: torch.Tensor) -> tuple:
@@ -379,6 +401,10 @@ class LBIChain(torch.autograd.Function):
         # Fresh tensors: the epilogue may modify them without touching the saved graphs.
         result = tuple(o.detach().clone() for o in outs)
         ctx.mark_non_differentiable(*[o for o in result if not o.dtype.is_floating_point])
+        # An output the loss never reaches gets None, not zeros: a zero cotangent would give
+        # the parameters behind it zero gradients where plain autograd gives None (and
+        # optimizers treat the two differently: AdamW decays and steps a zero gradient).
+        ctx.set_materialize_grads(False)
         return result
 
     @staticmethod

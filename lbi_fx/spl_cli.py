@@ -28,29 +28,22 @@ import torch.nn.functional as F
 
 import lbi_fx
 from lbi_fx.spl import SCORERS, SPLModule, bits_per_byte, stage_nats, stage_partition
+from lbi_fx.training import RunConfig
 
 PAPER_AXIS = ((1, 3, 2), (2, 2, 2), (3, 2, 1), (3, 1, 2), (4, 1, 1))
 
 
 @dataclass
-class Config:
-    layers: int = 6
-    width: int = 64
+class Config(RunConfig):
     n_head: int = 4
-    seq: int = 64
-    batch: int = 16
     steps: int = 1000
-    lr: float = 3e-3
-    eval_every: int = 100
     eval_batches: int = 8
-    corpus_bytes: int = 4_000_000
     compositions: tuple[tuple[int, ...], ...] = PAPER_AXIS
     heads: str = "per-stage"
     lbi: tuple[tuple[int, ...], ...] = ((2, 2, 2),)   # compositions that get an LBI row
     rank: int = 8
     segments: int = 4
     timing_rounds: int = 7
-    seed: int = 0
 
     @staticmethod
     def quick() -> Config:

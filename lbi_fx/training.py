@@ -12,12 +12,31 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lbi_fx.data import ByteCorpus
+
+
+@dataclass
+class RunConfig:
+    """What every side-by-side training comparison (``lbi-fx quality``, ``lbi-fx spl``)
+    shares: the byte GPT's shape, the corpus, the optimiser and the evaluation cadence.
+    Each comparison adds its own fields; all rows of one run use the same values."""
+
+    layers: int = 6
+    width: int = 64
+    seq: int = 64
+    batch: int = 16
+    steps: int = 600
+    lr: float = 3e-3
+    eval_every: int = 100
+    eval_batches: int = 4
+    corpus_bytes: int = 4_000_000
+    seed: int = 0
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -7,14 +7,16 @@ prints the genome of a failing example. The built model is an ``nn.Module`` whos
 Linear makes the canvas, ``heads.j`` read the returned block outputs.
 
 Importing this module registers the hypothesis profiles ``ci`` (25 examples, derandomized)
-and ``long`` (1000 examples). ``--hypothesis-profile=long`` is applied by hypothesis's pytest
-plugin before test modules are imported, so load this module early for it:
+and ``long`` (1000 examples, or ``LBI_FUZZ_EXAMPLES``). ``--hypothesis-profile=long`` is
+applied by hypothesis's pytest plugin before test modules are imported, so load this
+module early for it:
 ``pytest -p tests.fuzz_models -m fuzz --hypothesis-profile=long``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +30,9 @@ import lbi_fx
 # "ci" keeps hypothesis's own CI profile (derandomized: the same 25 examples every run);
 # "long" explores afresh each time.
 settings.register_profile("ci", settings.get_profile("ci"), max_examples=25, deadline=None)
-settings.register_profile("long", max_examples=1000, deadline=None, print_blob=True)
+# LBI_FUZZ_EXAMPLES sets the long run's examples per test (to fit a time budget)
+settings.register_profile("long", max_examples=int(os.environ.get("LBI_FUZZ_EXAMPLES", 1000)),
+                          deadline=None, print_blob=True)
 
 # per-sample ops on a (B, D) or (B, L, D) stream; reductions never touch the batch axis
 OPS = ("linear", "tanh", "gelu", "mul", "add", "matmul", "bmm", "layernorm", "rmsnorm",

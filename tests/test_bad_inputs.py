@@ -462,6 +462,21 @@ def test_dead_regions_and_dead_code_are_exact(wire):
     assert_exact(transform(net(wire=wire), rank=3))
 
 
+def test_output_the_loss_never_reads_gives_none_as_autograd_does():
+    """The epilogue computes on the last region's output and drops it; the loss reads
+    region 0's output (carried through region 1's interface). Plain autograd gives region
+    1's own parameters no gradient (None); the scan backward used to give them zeros
+    (found by the long fuzz: a "gap" spec leaving the last block to the epilogue)."""
+    def wire(m, h):
+        h0 = m.blocks[0](h)
+        m.blocks[2](m.blocks[1](h0))
+        return h0
+
+    report = gradient_parity(transform(net(wire=wire), [["blocks.0"], ["blocks.1"]]), (x64(),))
+    assert not report.missing and not report.extra, report
+    assert report.ok and report.rel_l2 <= EXACT, report
+
+
 def test_last_region_ignoring_the_interface_gives_the_same_grads():
     def wire(m, h):
         m.blocks[1](m.blocks[0](h))

@@ -14,7 +14,7 @@ from lbi_fx.bench import BENCHES
 from lbi_fx.cli import main
 
 STEP_FLAGS = ["--model", "--rank", "--jacobian", "--layers", "--region-size", "--width",
-              "--batch", "--seq", "--steps", "--threads", "--json"]
+              "--batch", "--seq", "--steps", "--threads", "--json", "--pool", "--segment-len"]
 
 
 def _help(capsys, *argv: str) -> str:

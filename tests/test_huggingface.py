@@ -12,11 +12,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers  # part of the test extra: a missing one fails the suite, never skips
 
 import lbi_fx
 from lbi_fx.testing import gradient_parity
-
-transformers = pytest.importorskip("transformers")
 
 TOL = {torch.float64: dict(rel_l2=1e-12, cosine=1 - 1e-12),
        torch.float32: dict(rel_l2=1e-6, cosine=0.999999)}

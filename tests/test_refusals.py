@@ -3,7 +3,7 @@
 A failure inside lbi-fx is a refusal (an ``LBIError`` naming the region and PyTorch's
 cause) only when plain PyTorch fails on the same region too; anything else is an
 ``lbi_fx.InternalError`` carrying the original exception - not an ``LBIError``, so the
-fuzzer and ``refused_or_exact`` count it as a failure. Bugs are injected here by
+fuzzer's ``check`` and the bad-input catalogue count it as a failure. Bugs are injected here by
 replacing one run-time function, the way a real one would show.
 """
 
@@ -102,3 +102,14 @@ def test_scan_failure_at_training_time_is_classified_too(monkeypatch):
         lbi(x64()).sum().backward()
     lbi.backward = "autograd"
     lbi(x64()).sum().backward()
+
+
+def test_the_fuzzers_property_fails_on_an_internal_error(monkeypatch):
+    """The fuzzer's ``check`` counts a refusal (an LBIError) as a legitimate outcome; a bug
+    of lbi-fx must not pass for one there."""
+    from tests.test_fuzz import check
+
+    assert check(net(), (x64(),), lbi_fx.every(1, "blocks"), 2)["outcome"] == "transformed"
+    _broken("stack_jacobians", RuntimeError("boom"), monkeypatch)
+    with pytest.raises(lbi_fx.InternalError, match="boom"):
+        check(net(), (x64(),), lbi_fx.every(1, "blocks"), 2)

@@ -651,7 +651,8 @@ def test_fixed_fuzz_models_partition():
 
 def test_spl_command_runs_every_kind_of_row(capsys, tmp_path):
     """``lbi-fx spl`` end to end on a tiny budget: BP, one SPL row, one LBI row."""
-    pytest.importorskip("matplotlib")
+    import matplotlib  # noqa: F401 - part of the test extra: a missing one fails, not skips
+
     png = tmp_path / "spl.png"
     rc = cli_main(["spl", "--quick", "--steps", "2", "--compositions", "2,2,2", "--lbi",
                    "2,2,2", "--width", "16", "--seq", "16", "--batch", "4", "--segments", "2",

@@ -11,7 +11,11 @@ step of each:
   sent across each of the world-1 rank boundaries.
 
 Both also all-reduce the gradients of parameters several ranks use (embeddings, tied
-head); that is reported separately as ``*_grad_allreduce_bytes``. Defaults are the
+head); that is reported separately as ``*_grad_allreduce_bytes``. With ``--dp N`` the
+LBI run is a ``("dp", "region")`` mesh of N x world ranks, each replica on its own shard
+of an N x B batch, and ``lbi_dp_allreduce_bytes`` is its gradient averaging over dp (one
+flat buffer per region rank, summed over the region ranks; the pipeline baseline runs
+without dp). Defaults are the
 paper's configuration (K=7, r=64, bf16, B=1, L=1024, D=768) with one block per region
 and one rank per region.
 """
@@ -36,7 +40,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 
 
 def _build(cfg: dict):
-    """(lbi, baseline model, idx, targets, regions as layer lists) on this rank."""
+    """(lbi, baseline model, idx, targets, regions as layer lists) on this rank; idx and
+    targets hold the global batch (dp x B rows)."""
     import lbi_fx
     from lbi_fx.models.transformer import build
 
@@ -54,8 +59,9 @@ def _build(cfg: dict):
     base, _ = build(batch=2, seq=8, **kw)
     base = base.to(dtype)
     g = torch.Generator().manual_seed(1)
-    idx = torch.randint(0, 256, (cfg["batch"], cfg["seq"]), generator=g)
-    tgt = torch.randint(0, 256, (cfg["batch"], cfg["seq"]), generator=g)
+    rows = cfg.get("dp", 1) * cfg["batch"]
+    idx = torch.randint(0, 256, (rows, cfg["seq"]), generator=g)
+    tgt = torch.randint(0, 256, (rows, cfg["seq"]), generator=g)
     return lbi, base, idx, tgt, layers
 
 
@@ -63,20 +69,28 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from lbi_fx.distributed import Comm, PipelineBaseline, RegionParallel
+    from lbi_fx.distributed import Comm, PipelineBaseline, RegionParallel, shard_batch
 
     torch.set_num_threads(cfg["threads"])
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
         lbi, base, idx, tgt, layers = _build(cfg)
+        mesh, region_group = None, None
+        if cfg.get("dp", 1) > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh("cpu", (cfg["dp"], world // cfg["dp"]),
+                                    mesh_dim_names=("dp", "region"))
+            region_group = mesh.get_group("region")
 
         def loss_fn(logits):
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1))
 
         lbi_t, pipe_t = [], []
-        rp = RegionParallel(lbi, comm=Comm())
-        pipe = PipelineBaseline(base, layers, comm=Comm())
+        rp = RegionParallel(lbi, mesh=mesh, comm=Comm())
+        idx, tgt = shard_batch((idx, tgt), rp)  # this replica's rows
+        pipe = PipelineBaseline(base, layers, comm=Comm(region_group))
         for _ in range(cfg["steps"]):
             rp.comm.records.clear()
             pipe.comm.records.clear()
@@ -106,7 +120,8 @@ def check_config(cfg: dict) -> None:
     """Bad sizes fail here, on one line, rather than inside the spawned ranks."""
     from lbi_fx.distributed import placement
 
-    for key in ("rank", "batch", "seq", "dim", "heads", "layers_per_region", "steps", "threads"):
+    for key in ("rank", "batch", "seq", "dim", "heads", "layers_per_region", "steps", "threads",
+                "dp"):
         if cfg[key] < 1:
             raise InputError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
     if cfg["k"] < 2:
@@ -124,7 +139,8 @@ def spawn_run(cfg: dict) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        mp.spawn(_worker, args=(cfg["world"], free_port(), cfg, out), nprocs=cfg["world"])
+        n = cfg["world"] * cfg.get("dp", 1)
+        mp.spawn(_worker, args=(n, free_port(), cfg, out), nprocs=n)
         return json.loads(Path(out).read_text())
 
 
@@ -156,8 +172,8 @@ def summarize(cfg: dict, res: dict) -> dict:
     lbi_b = sum(res["lbi"].get(p, 0) for p in ("scan_allgather", "mbar_broadcast"))
     pipe_b = res["pipe"].get("pipe_backward_grad", 0)
     return dict(
-        config={k: cfg[k] for k in ("k", "world", "rank", "dtype", "batch", "seq", "dim",
-                                    "layers_per_region")},
+        config={k: cfg.get(k, 1) for k in ("k", "world", "dp", "rank", "dtype", "batch",
+                                           "seq", "dim", "layers_per_region")},
         placement=res["place"],
         lbi_bytes=lbi_b,
         pipeline_bytes=pipe_b,
@@ -165,6 +181,7 @@ def summarize(cfg: dict, res: dict) -> dict:
         lbi_phases=res["lbi"],
         pipeline_phases=res["pipe"],
         lbi_grad_allreduce_bytes=res["lbi"].get("grad_allreduce", 0),
+        lbi_dp_allreduce_bytes=res["lbi"].get("dp_allreduce", 0),
         pipeline_grad_allreduce_bytes=res["pipe"].get("grad_allreduce", 0),
         lbi_loss=res["lbi_loss"],
         pipeline_loss=res["pipe_loss"],
@@ -188,7 +205,10 @@ def _transform(model, layers: list[list[int]], cfg: dict):
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The flags of ``lbi-fx bench comm``."""
     ap.add_argument("--k", type=int, default=None, help="regions (default 7)")
-    ap.add_argument("--world", type=int, default=None, help="ranks (default: K)")
+    ap.add_argument("--world", type=int, default=None, help="region ranks (default: K)")
+    ap.add_argument("--dp", type=int, default=1,
+                    help="data-parallel replicas: a (dp, world) mesh, dp x world processes, "
+                         "--batch rows per replica (default 1)")
     ap.add_argument("--rank", type=int, default=None, help="interface rank r (default 64)")
     ap.add_argument("--pool", choices=["mean", "last", "causal", "auto"], default="mean",
                     help="interface pool (default mean: the paper's configuration, one row "
@@ -221,7 +241,10 @@ def run(a: argparse.Namespace) -> int:
         defaults.update(dim=256, heads=4, seq=256, rank=32, dtype="fp32", layers_per_region=2,
                         steps=3)
     cfg = {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in defaults.items()}
-    cfg.update(world=cfg["k"] if a.world is None else a.world, threads=a.threads, pool=a.pool)
+    cfg.update(world=cfg["k"] if a.world is None else a.world, threads=a.threads, pool=a.pool,
+               dp=a.dp)
+    if a.timed and a.dp != 1:
+        raise InputError("--timed compares one replica's critical paths: use it without --dp")
     if a.timed:
         try:
             worlds = [int(x) for x in a.worlds.split(",")]
@@ -256,7 +279,7 @@ def run(a: argparse.Namespace) -> int:
         print(json.dumps(s, indent=1))
         return 0
     c = s["config"]
-    print(f"K={c['k']} world={c['world']} r={c['rank']} {c['dtype']} B={c['batch']} "
+    print(f"K={c['k']} world={c['world']} dp={c['dp']} r={c['rank']} {c['dtype']} B={c['batch']} "
           f"L={c['seq']} D={c['dim']} placement={s['placement']}")
     print(f"  LBI backward bytes      {s['lbi_bytes']:>12,}  ({_kb(s['lbi_bytes'])}: "
           f"J all-gather {s['lbi_phases'].get('scan_allgather', 0):,} + mbar broadcast "
@@ -268,6 +291,10 @@ def run(a: argparse.Namespace) -> int:
           f"activations {s['pipeline_phases'].get('pipe_forward_act', 0):,} B")
     print(f"  grad all-reduce (shared params): LBI {s['lbi_grad_allreduce_bytes']:,} B, "
           f"pipeline {s['pipeline_grad_allreduce_bytes']:,} B")
+    if c["dp"] > 1:
+        print(f"  dp all-reduce (dp={c['dp']}, grads of each region rank's own parameters): "
+              f"LBI {s['lbi_dp_allreduce_bytes']:,} B ({_kb(s['lbi_dp_allreduce_bytes'])}) vs "
+              f"{s['lbi_bytes']:,} B region exchange per replica")
     return 0
 
 

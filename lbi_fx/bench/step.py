@@ -231,6 +231,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default="transformer", choices=MODELS,
                     help="example model from lbi_fx.models (default transformer)")
     ap.add_argument("--rank", type=int, default=16, help="interface rank r (default 16)")
+    ap.add_argument("--pool", default="auto", choices=["auto", "causal", "mean", "last"],
+                    help="interface pool (default auto: causal for these causal LMs, S = 4 "
+                         "segments of RANK scalars, so J is (4 RANK)^2; mean: the paper's one "
+                         "row of RANK)")
+    ap.add_argument("--segment-len", type=int, default=None,
+                    help="positions per causal segment (default seq / 4)")
     ap.add_argument("--jacobian", default="auto", choices=list(STRATEGIES),
                     help="how region Jacobians are computed (default auto)")
     ap.add_argument("--chunk", type=int, default=None, help="rows per rerun for recompute")
@@ -262,11 +268,13 @@ def run(args: argparse.Namespace) -> int:
     idx = idx.to(device)
     lbi = lbi_fx.transform(model, lbi_fx.every(args.region_size, "layers"), rank=args.rank,
                            example_inputs=(idx,), jacobian=args.jacobian, chunk=args.chunk,
-                           **extra)
+                           pool=args.pool, segment_len=args.segment_len, **extra)
     vocab = lbi(idx).shape[-1]
     targets = torch.randint(0, vocab, idx.shape, device=device)
     result = measure(lbi, (idx,), targets, steps=args.steps)
     result["model"] = args.model
+    result["pool"] = lbi.pool
+    result["segments"] = lbi.segments.count if lbi.segments is not None else 1
     print(json.dumps(result) if args.json else format_report(result))
     return 0
 

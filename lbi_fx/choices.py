@@ -1,0 +1,133 @@
+"""Per-region run-time choices of the scan backward, kept in one object.
+
+The backward decides some things per region and keeps them: which Jacobian strategy
+``jacobian="auto"`` picked (and the probe timings behind it), and whether batched VJPs
+work there or per-row VJPs are used for good. Those decisions depend on the module's
+dtype, device and train/eval mode (dropout moves attention off the CPU flash kernel,
+which has no forward-mode rule), so ``LBIModule`` clears this object whenever one of
+them changes and the next backward decides afresh.
+
+A decision that a failure forced (a strategy that raised during the probe, batched VJPs
+that raised - CUDA out-of-memory included) is exact but may be slower than expected, so
+it is reported once per region and cause with a ``FallbackWarning``, and
+``LBIModule.explain()`` lists it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+
+class FallbackWarning(UserWarning):
+    """A region's backward fell back to another (still exact) way of computing J_k."""
+
+
+# cause -> what runs instead, in words
+_INSTEAD = {
+    "forward": "auto does not use forward mode there",
+    "reuse-batched": "per-row VJPs from now on (exact, r times more backward calls)",
+    "reuse-rows": "auto does not use per-row VJPs there",
+    "recompute": "auto does not use recompute there",
+}
+
+
+@dataclass
+class RegionChoices:
+    """What the backward decided per region, why, and which fallbacks it already reported.
+
+    ``jacobian`` and ``batched`` are the dicts the run-time reads (``ChainState.choice``
+    and ``ChainState.batched_ok`` are these very objects); ``clear`` empties everything
+    in place so every holder sees the reset.
+    """
+
+    jacobian: dict[int, str] = field(default_factory=dict)   # region -> strategy auto picked
+    batched: dict[int, bool] = field(default_factory=dict)   # region -> batched VJPs work
+    probes: dict[int, dict[str, float | str]] = field(default_factory=dict)  # seconds or error
+    fallbacks: dict[int, dict[str, str]] = field(default_factory=dict)  # region -> cause -> why
+    reported: set[tuple[int, str, str]] = field(default_factory=set)  # kept by ``clear``
+    probe_runs: int = 0   # how many region probes ran (a cleared object probes again)
+
+    def clear(self) -> None:
+        """Forget every decision (the next backward probes again); fallbacks already
+        reported stay reported, so a train/eval toggle per epoch does not repeat them."""
+        for d in (self.jacobian, self.batched, self.probes, self.fallbacks):
+            d.clear()
+
+    def fell_back(self, k: int, cause: str, exc: BaseException) -> None:
+        """Remember that ``cause`` failed in region k with ``exc`` (reported by ``flush``)."""
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else ""
+        self.fallbacks.setdefault(k, {})[cause] = f"{type(exc).__name__}: {first}"[:300]
+
+    def flush(self, k: int) -> None:
+        """Warn once per (region, cause, error) about fallbacks not reported yet."""
+        for cause, why in self.fallbacks.get(k, {}).items():
+            if (k, cause, why) in self.reported:
+                continue
+            self.reported.add((k, cause, why))
+            warnings.warn(
+                f"lbi-fx: region {k}: {_label(cause)} failed ({why}); "
+                f"{_INSTEAD.get(cause, 'another way is used')}. Gradients stay exact; "
+                "lbi.explain() lists every region's choices", FallbackWarning, stacklevel=2)
+
+
+def _label(cause: str) -> str:
+    return {"forward": "forward-mode Jacobian (jvp under vmap)",
+            "reuse-batched": "batched VJPs (is_grads_batched)",
+            "reuse-rows": "per-row VJPs",
+            "recompute": "recompute (vmap over replicas)"}.get(cause, cause)
+
+
+@dataclass
+class RegionExplanation:
+    """One region's line of ``LBIModule.explain()``."""
+
+    region: int
+    modules: list[str]
+    width_in: int                 # scalars per sample of m_k
+    width_out: int | None         # of m_{k+1}; None for the last region
+    jacobian: str                 # strategy in use ("-" for the last region: no J_k)
+    why: str                      # asked, or auto's probe and its timings
+    vjps: str                     # batched | per-row | - (not used)
+    fallbacks: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        out = "-" if self.width_out is None else str(self.width_out)
+        line = (f"region {self.region} ({', '.join(self.modules)}): m {self.width_in} -> {out}; "
+                f"jacobian {self.jacobian} ({self.why}); VJPs {self.vjps}")
+        for cause, why in self.fallbacks.items():
+            line += f"\n    fallback: {_label(cause)} failed: {why}; {_INSTEAD.get(cause, '')}"
+        return line
+
+
+class Explanation(list):
+    """``LBIModule.explain()``: a list of ``RegionExplanation`` plus the module-wide
+    settings; ``print(lbi.explain())`` gives one line per region."""
+
+    def __init__(self, regions, header: str):
+        super().__init__(regions)
+        self.header = header
+
+    def __str__(self) -> str:
+        return "\n".join([self.header, *map(str, self)])
+
+
+def explain_region(choices: RegionChoices, k: int, asked: str, last: bool) -> tuple[str, str, str]:
+    """(strategy, why, vjps) of region k from what the backward decided so far."""
+    if last:
+        return "-", "the last region has no interface Jacobian", "-"
+    strategy = choices.jacobian.get(k, asked) if asked == "auto" else asked
+    if asked != "auto":
+        why = "asked"
+    elif k not in choices.jacobian:
+        why = "auto; not probed yet: runs at the next backward"
+    else:
+        timings = ", ".join(f"{n} {v * 1e3:.2f} ms" if isinstance(v, float) else f"{n} failed"
+                            for n, v in choices.probes.get(k, {}).items())
+        why = f"picked by auto's probe: {timings}" if timings else "picked by auto"
+    uses_vjps = strategy == "reuse"
+    vjps = ("-" if not uses_vjps else
+            "per-row" if choices.batched.get(k) is False else
+            "batched" if k in choices.batched else "batched (not run yet)")
+    return strategy, why, vjps
