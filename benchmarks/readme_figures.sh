@@ -20,10 +20,10 @@ want() { [ $# -eq 0 ] || [[ " $SELECTED " == *" $1 "* ]]; }
 SELECTED="$*"
 date -u +"%Y-%m-%d %H:%M UTC" >"$OUT/date.txt"
 if want scan; then
-  run scan "$PY" -m lbi_fx bench scan --json --device cpu --threads 2
+  run scan "$PY" -m lbi_fx bench scan --json --device cpu --threads 1
 fi
 if want step; then
-  STEP=("$PY" -m lbi_fx bench step --steps 7 --threads 2 --device cpu --json)
+  STEP=("$PY" -m lbi_fx bench step --steps 7 --threads 1 --device cpu --json)
   # the paper's configuration: one row of r = 16 (mean pool), every Jacobian strategy
   for j in auto reuse recompute; do
     run "step_transformer_mean16_$j" "${STEP[@]}" --model transformer --pool mean --rank 16 --jacobian "$j"
@@ -37,7 +37,7 @@ if want step; then
   done
 fi
 if want comm; then
-  run comm "$PY" -m lbi_fx bench comm --json
+  run comm "$PY" -m lbi_fx bench comm --seq 128 --json   # L = 1024 takes over 30 min on 2 cores
   run comm_timed "$PY" -m lbi_fx bench comm --timed --json
 fi
 if want pgf; then

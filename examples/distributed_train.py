@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--dp", type=int, default=1, help="data-parallel replicas (mesh dim 'dp')")
+    ap.add_argument("--timeout", type=float, default=60.0,
+                    help="seconds a rank waits for a peer before the step fails, naming it")
     ap.add_argument("--save", default=None, help="checkpoint directory to write")
     ap.add_argument("--save-every", type=int, default=0, help="also save every N steps")
     ap.add_argument("--resume", default=None, help="checkpoint directory to continue from")
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                            rank=a.rank, example_inputs=(example,), max_len=a.seq,
                            jacobian="reuse").to(device)
     mesh = init_device_mesh(device.type, (a.dp, world // a.dp), mesh_dim_names=("dp", "region"))
-    rp = RegionParallel(lbi, mesh=mesh)
+    rp = RegionParallel(lbi, mesh=mesh, timeout=a.timeout)
     opt = torch.optim.AdamW([p for n, p in lbi.named_parameters() if n in set(rp.used)], lr=a.lr)
     torch.manual_seed(1000 + rank)  # each rank its own dropout stream
     try:

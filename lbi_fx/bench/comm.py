@@ -88,7 +88,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1))
 
         lbi_t, pipe_t = [], []
-        rp = RegionParallel(lbi, mesh=mesh, comm=Comm())
+        rp = RegionParallel(lbi, mesh=mesh, comm=Comm(), timeout=cfg.get("timeout", 3600.0))
         idx, tgt = shard_batch((idx, tgt), rp)  # this replica's rows
         pipe = PipelineBaseline(base, layers, comm=Comm(region_group))
         for _ in range(cfg["steps"]):
@@ -140,7 +140,11 @@ def spawn_run(cfg: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         n = cfg["world"] * cfg.get("dp", 1)
-        mp.spawn(_worker, args=(n, free_port(), cfg, out), nprocs=n)
+        try:
+            mp.spawn(_worker, args=(n, free_port(), cfg, out), nprocs=n)
+        except mp.ProcessRaisedException as exc:  # its message starts with a blank line
+            lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+            raise RuntimeError(f"rank {exc.error_index} failed: {lines[-1]}") from exc
         return json.loads(Path(out).read_text())
 
 
@@ -225,6 +229,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                          "--worlds (defaults there: D=256, L=256, r=32, fp32, 2 blocks/region)")
     ap.add_argument("--worlds", default="2,4", help="worlds for --timed (default 2,4)")
     ap.add_argument("--steps", type=int, default=None, help="steps (timed: first is warm-up)")
+    ap.add_argument("--timeout", type=float, default=3600.0,
+                    help="seconds a rank waits for a peer before RegionParallel gives up "
+                         "(default 3600: the default shapes take minutes per phase on CPU)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -242,7 +249,7 @@ def run(a: argparse.Namespace) -> int:
                         steps=3)
     cfg = {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in defaults.items()}
     cfg.update(world=cfg["k"] if a.world is None else a.world, threads=a.threads, pool=a.pool,
-               dp=a.dp)
+               dp=a.dp, timeout=a.timeout)
     if a.timed and a.dp != 1:
         raise InputError("--timed compares one replica's critical paths: use it without --dp")
     if a.timed:
