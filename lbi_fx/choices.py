@@ -15,8 +15,12 @@ it is reported once per region and cause with a ``FallbackWarning``, and
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field
+
+import torch
 
 
 class FallbackWarning(UserWarning):
@@ -69,7 +73,31 @@ class RegionChoices:
             warnings.warn(
                 f"lbi-fx: region {k}: {_label(cause)} failed ({why}); "
                 f"{_INSTEAD.get(cause, 'another way is used')}. Gradients stay exact; "
-                "lbi.explain() lists every region's choices", FallbackWarning, stacklevel=2)
+                "lbi.explain() lists every region's choices", FallbackWarning,
+                stacklevel=_caller_level())
+
+
+def _own_dirs() -> tuple[str, ...]:
+    """lbi_fx, its passes and kernels (installed beside it or not) and torch."""
+    mods = [sys.modules.get(n) for n in ("lbi_fx", "lbi_fx.passes", "lbi_fx.kernels")]
+    dirs = [os.path.dirname(os.path.abspath(m.__file__)) for m in mods
+            if m is not None and getattr(m, "__file__", None)]
+    dirs.append(os.path.dirname(os.path.abspath(torch.__file__)))
+    return tuple(d + os.sep for d in dirs)
+
+
+def _caller_level() -> int:
+    """``stacklevel`` of the first frame outside lbi-fx and torch: the user's
+    ``loss.backward()`` (or ``transform``), not the runtime line that noticed the fallback."""
+    frame, level, own = sys._getframe(1), 1, _own_dirs()
+    while frame is not None and _internal(frame.f_code.co_filename, own):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _internal(filename: str, own: tuple[str, ...]) -> bool:
+    # "<eval_with_key>.N": code FX generated for a program (the scan backward among them)
+    return filename.startswith("<eval_with_key>") or os.path.abspath(filename).startswith(own)
 
 
 def _label(cause: str) -> str:

@@ -187,3 +187,15 @@ def test_a_loaded_module_decides_afresh():
     _step(back)
     assert back.region_choices.probe_runs == back.num_regions - 1
     assert back.region_choices.jacobian.keys() == {0, 1}
+
+
+def test_fallback_warning_points_at_the_callers_line():
+    """The warning names the user's line (here: the transform call), not lbi-fx's runtime
+    or the generated backward program."""
+    idx = _idx(vocab=10)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        lbi_fx.transform(OpaqueNet().double(), lbi_fx.every(1, "blocks"), rank=3,
+                         example_inputs=(idx,), leaf_modules=[Opaque])
+    ours = [w for w in seen if issubclass(w.category, lbi_fx.FallbackWarning)]
+    assert ours and {w.filename for w in ours} == {__file__}, [w.filename for w in ours]
