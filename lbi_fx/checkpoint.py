@@ -212,7 +212,7 @@ def save(path: str | Path, rp, optimizer: torch.optim.Optimizer, extra: Any = No
     sd[f"local.{d}.{j}"] = pickle.dumps({
         "rng": _rng_state(), "extra": extra,
         "device": _device_type(lbi),
-        "jacobian_choice": dict(lbi._jacobian_choice), "batched_ok": dict(lbi._batched_ok)})
+        "jacobian_choice": dict(lbi.region_choices.jacobian), "batched_ok": dict(lbi.region_choices.batched)})
     group = _group(rp)
     if dist.get_rank(group) == 0:  # a save that dies halfway leaves no lbi_meta.json behind
         (path / META).unlink(missing_ok=True)
@@ -298,10 +298,10 @@ def load(path: str | Path, rp, optimizer: torch.optim.Optimizer) -> Any:
     if state["device"] == _device_type(rp.lbi):
         # jacobian="auto" picks by timing: the saved picks keep the resumed run bitwise
         # (another device type probes afresh: a pick may not work there)
-        rp.lbi._jacobian_choice.clear()
-        rp.lbi._jacobian_choice.update(state["jacobian_choice"])
-        rp.lbi._batched_ok.clear()
-        rp.lbi._batched_ok.update(state["batched_ok"])
+        rp.lbi.region_choices.jacobian.clear()
+        rp.lbi.region_choices.jacobian.update(state["jacobian_choice"])
+        rp.lbi.region_choices.batched.clear()
+        rp.lbi.region_choices.batched.update(state["batched_ok"])
     _set_rng(state["rng"])
     if d != src:
         seed = _fresh_seed(state["rng"], d)

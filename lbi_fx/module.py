@@ -120,7 +120,7 @@ class LBIModule(nn.Module):
             self.region_choices.clear()
         return out
 
-    # read by lbi_fx.bench.step and older callers: views of ``region_choices``
+    # older callers (and tests written against them): views of ``region_choices``
     @property
     def _jacobian_choice(self) -> dict[int, str]:
         return self.region_choices.jacobian

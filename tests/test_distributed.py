@@ -104,3 +104,14 @@ def test_bench_comm_json(capsys):
     assert {"lbi_bytes", "pipeline_bytes", "ratio"} <= set(data)
     assert data["lbi_bytes"] == 2 * 8 * 8 * 4 + 8 * 4  # J all-gather (2 slots) + mbar
     assert data["pipeline_bytes"] == 1 * 16 * 32 * 4  # one boundary, (1, 16, 32) fp32
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, True, "60"])
+def test_region_parallel_refuses_a_bad_timeout_before_any_collective(timeout):
+    """Checked before the process group is touched: no group exists in this process."""
+    import lbi_fx
+    from lbi_fx.distributed import RegionParallel
+
+    lbi, _ = _model(2, torch.float64)
+    with pytest.raises(lbi_fx.InputError, match="timeout="):
+        RegionParallel(lbi, timeout=timeout)

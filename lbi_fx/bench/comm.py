@@ -124,6 +124,8 @@ def check_config(cfg: dict) -> None:
                 "dp"):
         if cfg[key] < 1:
             raise InputError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
+    if not cfg.get("timeout", 1.0) > 0:
+        raise InputError(f"--timeout {cfg['timeout']}: seconds a rank waits for its peers, > 0")
     if cfg["k"] < 2:
         raise InputError(f"--k {cfg['k']}: LBI needs at least 2 regions (one boundary)")
     if cfg["dim"] % cfg["heads"]:

@@ -169,8 +169,8 @@ def measure(lbi, inputs: tuple, targets: torch.Tensor, *, steps: int = 5, warmup
     strategy = lbi.jacobian
     if strategy == "auto":
         picked = sorted({v if v != "reuse" else
-                         ("reuse" if lbi._batched_ok.get(k, True) else "reuse-rows")
-                         for k, v in lbi._jacobian_choice.items()})
+                         ("reuse" if lbi.region_choices.batched.get(k, True) else "reuse-rows")
+                         for k, v in lbi.region_choices.jacobian.items()})
         strategy = "auto(" + ",".join(picked) + ")" if picked else "auto"
     span = max(t_jac) + t_scan + max(t_local)
     return {
