@@ -13,6 +13,7 @@ from lbi_fx.errors import (
     InputError,
     InternalError,
     LBIError,
+    ModeError,
     NonFiniteError,
     PeerFailedError,
     RegionSpecError,
@@ -20,6 +21,7 @@ from lbi_fx.errors import (
     SeparatorError,
     TraceError,
 )
+from lbi_fx.passes.capture import CaptureWarning
 from lbi_fx.regions import composition, every
 from lbi_fx.report import BoundaryReport, SeparatorReport
 from lbi_fx.spl import stage_partition
@@ -27,6 +29,7 @@ from lbi_fx.spl import stage_partition
 __all__ = [
     "BatchMixingError",
     "BoundaryReport",
+    "CaptureWarning",
     "Causality",
     "CausalityWarning",
     "CheckpointError",
@@ -37,6 +40,7 @@ __all__ = [
     "InputError",
     "InternalError",
     "LBIError",
+    "ModeError",
     "NonFiniteError",
     "PeerFailedError",
     "RegionSpecError",
@@ -51,3 +55,24 @@ __all__ = [
     "verify",
 ]
 __version__ = "0.1.0"
+
+# Public submodules, reachable as attributes after a bare `import lbi_fx` (lbi_fx.testing,
+# lbi_fx.models, ...) but imported on first use, so `import lbi_fx` stays cheap.
+SUBMODULES = frozenset({
+    "api", "bench", "causality", "checkpoint", "cli", "data", "distributed", "errors",
+    "kernels", "models", "parity", "passes", "pgf", "quality", "regions", "report", "spl",
+    "testing", "training",
+})
+
+
+def __getattr__(name: str):
+    """Import a public submodule the first time it is read as an attribute."""
+    if name in SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | SUBMODULES)

@@ -96,3 +96,53 @@ def separator_report(
         capture=gm.meta.get(CAPTURE_KEY, ""),
         graph=graph_summary(gm, num),
     )
+
+
+_CAST_METHODS = {"float": "float32", "half": "float16", "bfloat16": "bfloat16"}
+
+
+def lower_precision_ops(gm: fx.GraphModule, dtype) -> dict[str, list[str]]:
+    """Module path -> the lower-precision dtypes its ops cast to (or assert), for a graph
+    whose parameters are ``dtype``: ``x.float()`` inside a float64 model (Hugging Face
+    Mamba and Llama do) puts float32 rounding into every gradient, which float64
+    tolerances then measure. Read from the graph's dtype constants, nothing is run."""
+    import torch
+
+    eps = torch.finfo(dtype).eps
+    found: dict[str, set[str]] = {}
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        names = []
+        if node.op == "call_method" and node.target in _CAST_METHODS:
+            names.append(_CAST_METHODS[node.target])
+        for a in (*node.args, *node.kwargs.values()):
+            if (isinstance(a, torch.dtype) and a.is_floating_point
+                    and torch.finfo(a).eps > eps):
+                names.append(str(a).removeprefix("torch."))
+        if names:
+            found.setdefault(node.meta.get("lbi_module", "") or "<top level>", set()).update(names)
+    return {path: sorted(d) for path, d in found.items()}
+
+
+def precision_notes(lbi: nn.Module) -> list[str]:
+    """Why a parity report of ``lbi`` may sit above its dtype's tolerance: the graph of a
+    float64 (or float32) model that computes parts in a lower precision, by module."""
+    import torch
+
+    dtypes = [p.dtype for p in lbi.parameters() if p.dtype.is_floating_point]
+    if not dtypes or not hasattr(lbi, "rewritten_graph"):
+        return []
+    top = min(dtypes, key=lambda d: torch.finfo(d).eps)
+    if top not in (torch.float64, torch.float32):
+        return []
+    ops = lower_precision_ops(lbi.rewritten_graph, top)
+    if not ops:
+        return []
+    kinds = sorted({d for ds in ops.values() for d in ds})
+    where = ", ".join(list(ops)[:4]) + (f" and {len(ops) - 4} more" if len(ops) > 4 else "")
+    return [f"the parameters are {str(top).removeprefix('torch.')}, but the model itself "
+            f"computes in {'/'.join(kinds)} in {where} (casts in its own code): both "
+            f"backwards carry {'/'.join(kinds)} rounding there, so errors above the "
+            f"{str(top).removeprefix('torch.')} level come from the model, not the scan; "
+            "the tolerances are not changed for it"]

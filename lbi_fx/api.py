@@ -9,7 +9,7 @@ from torch import nn
 
 from lbi_fx.analysis import analyze, normalize_rank, separator_report
 from lbi_fx.errors import InputError, RewriteError
-from lbi_fx.interfaces import POOLS, Segments
+from lbi_fx.interfaces import DECODER_INITS, MIN_RANK, POOLS, Segments, rank_problem
 from lbi_fx.passes.shape_prop import output_tensor
 from lbi_fx.regions import RegionSpec
 from lbi_fx.report import SeparatorReport
@@ -36,11 +36,13 @@ def verify(
         if regions is not None:
             raise InputError("an LBI module carries its own regions; call verify(lbi, example_inputs=...)")
         return model.lbi_verify(example_inputs=example_inputs, rank=rank, interfaces=interfaces)
-    from lbi_fx.causality import Causality, probe_causal
+    from lbi_fx.causality import Causality, graph_axes, probe_causal
+    from lbi_fx.passes.seq_axes import mark_seq_axes
 
     a = analyze(model, regions, example_inputs, leaf_modules=leaf_modules)
     report = separator_report(a.gm, a.regions, a.batch, rank=rank, interfaces=interfaces)
-    causal, leak, why = probe_causal(a.gm, a.example_inputs)
+    mark_seq_axes(a.gm, a.example_inputs)
+    causal, leak, why = probe_causal(a.gm, a.example_inputs, **graph_axes(a.gm))
     report.causality = Causality(model_causal=causal, model_leak=leak, note=why)
     return report
 
@@ -61,17 +63,26 @@ def transform(
     leaf_modules: Iterable[type | str] = (),
     scan_backend: str = "auto",
     check_finite: bool = False,
+    decoder_init: str = "default",
 ):
     """Rewrite ``model`` into a bounded-interface model whose backward is Algorithm 1.
 
-    ``pool`` says how an interface summarises the sequence axis (axis 1, batch first):
+    ``decoder_init="zero"`` starts every decoder at Dec_k(m) = 0, so each region begins
+    as its dense self on the canvas and the interface only adds what training finds.
+
+    ``pool`` says how an interface summarises the sequence. Inputs carry it on axis 1
+    (batch first); inside the model the graph says which axis of each tensor carries it
+    (a second shape run at another length), so channels-first (B, D, L) works too.
     ``"causal"`` cuts it into S = ceil(max_len / segment_len) fixed segments and carries
     S rows of ``rank`` scalars, row s summarising positions before segment s, so no
-    position sees a later one; ``"mean"`` / ``"last"`` (the paper's Eq. 5) pool every
-    position into one row, which lets a causal model see the future. ``"auto"`` (default)
-    probes the captured model: causal along axis 1 -> ``"causal"``, else ``"mean"``;
-    ``lbi.pool`` holds the choice. ``max_len`` defaults to the example inputs' sequence
-    length, ``segment_len`` to ceil(max_len / 4).
+    position sees a later one; transform then probes the built model at every cut and
+    refuses a leak. ``"mean"`` / ``"last"`` (the paper's Eq. 5) pool every position into
+    one row, which lets a causal model see the future. ``"auto"`` (default) probes the
+    captured model at every cut: causal -> ``"causal"``, else ``"mean"`` (with a
+    ``CausalityWarning`` when the probe cannot run); ``lbi.pool`` holds the choice.
+    ``max_len`` defaults to the example inputs' sequence length, ``segment_len`` to
+    ceil(max_len / 4). ``rank`` is per row and at least 3: the interface's LayerNorm
+    leaves r - 2 degrees of freedom.
 
     The result shares parameters with ``model`` (deep-copy the model first for an
     independent copy). Raises an ``LBIError`` subclass naming the culprit when the
@@ -86,20 +97,27 @@ def transform(
     from lbi_fx.passes.check_state import check_state_writes
     from lbi_fx.passes.insert_interfaces import insert_interfaces
     from lbi_fx.passes.mark_dynamic import mark_dynamic
+    from lbi_fx.passes.seq_axes import mark_seq_axes
     from lbi_fx.passes.shape_prop import propagate_shapes
     from lbi_fx.passes.split_places import split_places
     from lbi_fx.runtime import STRATEGIES
 
     if jacobian not in STRATEGIES:
         raise InputError(f"jacobian={jacobian!r}: choose one of {', '.join(STRATEGIES)}")
+    if decoder_init not in DECODER_INITS:
+        raise InputError(f"decoder_init={decoder_init!r}: choose one of {', '.join(DECODER_INITS)}")
     a = analyze(model, regions, example_inputs, leaf_modules=leaf_modules)
     K = a.num_regions
     ranks = normalize_rank(rank, K - 1)
     if ranks is None:
-        raise InputError("rank= is required for transform (an int >= 1, or one per interface)")
+        raise InputError("rank= is required for transform (an int >= 3, or one per interface)")
+    for k, r in enumerate(ranks):
+        if r < MIN_RANK:
+            raise InputError(f"rank {r} for interface {k + 1}: {rank_problem(r)}")
     _check_float(a)
     check_batch_mixing(a.gm, K, a.batch)
     check_state_writes(a.gm, K)
+    mark_seq_axes(a.gm, a.example_inputs)
     layout = choose_pool(a, pool, segment_len=segment_len, max_len=max_len, canvas=canvas)
     rows = layout.segments.count if layout.segments is not None else 1
     widths = [r * rows for r in ranks]  # scalars per sample each m_k carries
@@ -113,6 +131,7 @@ def transform(
                 stacklevel=2)
     info = getattr(a.gm.graph._codegen, "pytree_info", None)
     plan = insert_interfaces(a.gm, K, ranks, encoder=encoder, pool=layout.pool, canvas=canvas,
+                             decoder_init=decoder_init,
                              segments=layout.segments)
     propagate_shapes(a.gm, a.example_inputs)
     mark_dynamic(a.gm)
@@ -131,6 +150,8 @@ def transform(
     lbi.segments = layout.segments
     lbi.model_causal = layout.model_causal
     probe_batch_mixing(lbi, a.example_inputs)
+    if layout.pool == "causal":
+        _check_built_causal(lbi, a, layout)
     trial_backward(lbi, a.example_inputs)
     return lbi
 
@@ -157,39 +178,88 @@ class PoolChoice:
 
 def choose_pool(a, pool: str, *, segment_len: int | None = None, max_len: int | None = None,
                 canvas: str | None = None) -> PoolChoice:
-    """Resolve ``pool="auto"`` by probing the captured model for causality along axis 1,
-    and warn when an explicit leaky pool meets a causal model."""
+    """Resolve ``pool="auto"`` by probing the captured model for causality along its
+    sequence (every cut; axes from ``passes.seq_axes``), and warn whenever the choice
+    lets later positions reach earlier ones in a model that is, or may be, causal."""
     import warnings
 
-    from lbi_fx.causality import CausalityWarning, probe_causal
-    from lbi_fx.passes.insert_interfaces import causal_layout_problem, crossing_sets, find_canvas
+    from lbi_fx.causality import CausalityWarning, graph_axes, probe_causal
+    from lbi_fx.passes.insert_interfaces import (
+        causal_layout_problem,
+        crossing_sets,
+        find_canvas,
+        sequence_axis,
+    )
 
     if pool not in POOLS:
         raise InputError(f"pool={pool!r}: choose one of {', '.join(POOLS)}")
     if pool in ("mean", "last") and (segment_len is not None or max_len is not None):
         raise InputError(f"segment_len= and max_len= shape causal interfaces; pool={pool!r} "
                          "takes neither")
-    causal, leak, why = probe_causal(a.gm, a.example_inputs)
+    causal, leak, why = probe_causal(a.gm, a.example_inputs, **graph_axes(a.gm))
     canvas_node = find_canvas(a.gm, canvas)
     problem = causal_layout_problem(canvas_node, crossing_sets(a.gm, a.num_regions))
     if pool == "auto":
         pool = "causal" if causal and problem is None else "mean"
         if causal and problem is not None:
             warnings.warn(
-                f"lbi-fx: the model is causal along axis 1 but causal interfaces cannot carry "
-                f"it ({problem}); using pool='mean', through which later positions reach "
+                f"lbi-fx: the model is causal but causal interfaces cannot carry it "
+                f"({problem}); using pool='mean', through which later positions reach "
                 "earlier ones", CausalityWarning, stacklevel=3)
+        elif causal is None and _has_sequence(canvas_node):
+            warnings.warn(
+                f"lbi-fx: pool='auto' cannot tell whether the model is causal ({why}); using "
+                "pool='mean', through which later positions reach earlier ones. Pass "
+                "pool='causal' for a causal model (transform then checks the result leaks "
+                "nothing) or pool='mean' to keep the paper's pool and silence this warning",
+                CausalityWarning, stacklevel=3)
     elif pool in ("mean", "last") and causal:
         warnings.warn(
-            f"lbi-fx: pool={pool!r} on a model that is causal along axis 1: every interface "
-            "pools all positions, so earlier positions see later ones through m_k and one-"
-            "forward losses understate the true loss. Use pool='causal' (or 'auto')",
+            f"lbi-fx: pool={pool!r} on a causal model: every interface pools all positions, "
+            "so earlier positions see later ones through m_k and one-forward losses "
+            "understate the true loss. Use pool='causal' (or 'auto')",
             CausalityWarning, stacklevel=3)
     segments = None
     if pool == "causal":
         if problem is not None:
             raise RewriteError(f"pool='causal': {problem}")
-        length = output_tensor(canvas_node).shape[1]
+        at = sequence_axis(canvas_node) or 1
+        length = output_tensor(canvas_node).shape[at]
         segments = Segments.make(length if max_len is None else max_len, segment_len)
         segments.check(length)
     return PoolChoice(pool, segments, causal, leak)
+
+
+def _has_sequence(canvas_node) -> bool:
+    """Does the canvas carry positions (so a mean pool mixes them)? From the graph where
+    it could tell, else a (B, L, ..., D) shape."""
+    from lbi_fx.passes.seq_axes import SEQ_INPUTS_KEY, seq_axes
+
+    if canvas_node.graph.owning_module.meta.get(SEQ_INPUTS_KEY) is not None:
+        return bool(seq_axes(canvas_node))
+    return len(output_tensor(canvas_node).shape) >= 3
+
+
+def _check_built_causal(lbi, a, layout: PoolChoice) -> None:
+    """Probe the built model over every cut: a causal pool must leave outputs at positions
+    < t unchanged when inputs at positions >= t change. A leak in a rewrite of a causal
+    model is lbi-fx's bug; in a model that is not (or not known to be) causal it is the
+    model's own, which causal interfaces cannot remove."""
+    from lbi_fx.causality import CAUSAL_TOL, graph_axes, probe_causal
+    from lbi_fx.errors import InternalError
+
+    causal, leak, _ = probe_causal(lbi, a.example_inputs, **graph_axes(a.gm))
+    if causal is not False:
+        return  # causal, or the probe cannot run the model (no per-position output)
+    what = (f"the model built with pool='causal' leaks: its outputs at positions < t move by "
+            f"{leak:.1e} (relative; tolerance {CAUSAL_TOL:.0e}) when the inputs at positions >= "
+            "t change")
+    if layout.model_causal:
+        raise InternalError(f"{what}, although the captured model does not")
+    model = ("reads later positions itself" if layout.model_causal is False
+             else "may read later positions itself (the probe could not run it)")
+    raise RewriteError(
+        f"{what}: the model {model} (probe leak "
+        f"{'unknown' if layout.leak is None else f'{layout.leak:.1e}'}), and causal interfaces "
+        "cannot make it causal. Use pool='mean' (or 'auto') for a model that sees the future, "
+        "or fix the op that reads ahead")

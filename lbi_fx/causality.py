@@ -1,11 +1,12 @@
 """Causality along the sequence axis, measured rather than assumed.
 
-A model is causal along axis 1 (batch first) when its outputs at positions < t do not
-change when its inputs at positions >= t do. lbi-fx probes that numerically: it perturbs
-the later positions of every sequence input (integer ids are replaced by other ids,
-float inputs get Gaussian noise), reruns the model with the same RNG state, and
-measures how far earlier outputs moved. The same probe decides ``pool="auto"`` at
-transform time and tells ``verify`` whether an LBI model leaks the future.
+A model is causal when its outputs at positions < t do not change when its inputs at
+positions >= t do (inputs carry the sequence on axis 1, batch first; outputs on the axis
+the graph says, ``passes/seq_axes.py``). lbi-fx probes that numerically at every cut t:
+it perturbs the later positions of every sequence input (integer ids are replaced by
+other ids, float inputs get Gaussian noise), reruns the model with the same RNG state,
+and measures how far earlier outputs moved. The same probe decides ``pool="auto"``,
+checks what ``transform`` built, and tells ``verify`` whether an LBI model leaks.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class Causality:
         def yn(v: bool | None) -> str:
             return "unknown" if v is None else "yes" if v else "NO"
 
-        text = f"causality (axis 1): model causal: {yn(self.model_causal)}"
+        text = f"causality (every cut of the sequence): model causal: {yn(self.model_causal)}"
         if self.model_leak is not None:
             text += f" (leak {self.model_leak:.1e})"
         if self.lbi_causal is not None:
@@ -63,47 +64,60 @@ class Causality:
 
 
 def _is_sequence(x: object) -> bool:
-    """Ids (B, L, ...) or features (B, L, ..., D): a float (B, D) has no sequence axis."""
+    """Ids (B, L, ...) or features (B, L, ..., D): a float (B, D) has no sequence axis
+    (the default when the graph has not said which inputs carry the sequence)."""
     if not isinstance(x, torch.Tensor):
         return False
     floating = x.dtype.is_floating_point or x.dtype.is_complex
     return x.dim() >= (3 if floating else 2)
 
 
-def _sequence_length(inputs: Sequence[object]) -> int:
-    for x in pytree.tree_leaves(list(inputs)):
-        if _is_sequence(x):
-            return x.shape[1]
-    raise InputError("no example input has a sequence axis (ids of shape (B, L) or features of "
-                     "shape (B, L, ..., D)); causality is measured along axis 1")
+def _sequence_flags(tensors: list[torch.Tensor], seq_inputs: Sequence[bool] | None) -> list[bool]:
+    if seq_inputs is not None and len(seq_inputs) == len(tensors):
+        return [bool(f) and x.dim() >= 2 for f, x in zip(seq_inputs, tensors)]
+    return [_is_sequence(x) for x in tensors]
 
 
-def _perturb(inputs: Sequence[object], t: int, length: int, gen: torch.Generator) -> list:
-    """Inputs with every position >= t of every sequence input changed."""
-    def change(x):
-        if not _is_sequence(x) or x.shape[1] != length:
-            return x
-        x = x.clone()
-        tail = x[:, t:]
-        if x.dtype == torch.bool:
-            x[:, t:] = ~tail
-        elif x.dtype.is_floating_point or x.dtype.is_complex:
-            scale = float(x.detach().abs().amax()) or 1.0
-            noise = torch.randn(tail.shape, generator=gen, dtype=torch.float64)
-            x[:, t:] = tail + (scale * noise).to(x.dtype)
-        else:  # ids: another id from the range the input already uses
-            hi = max(int(x.max()), 1) + 1
-            shift = torch.randint(1, hi, tail.shape, generator=gen).to(x.dtype)
-            x[:, t:] = (tail + shift) % hi
-        return x
-
-    return pytree.tree_map(change, list(inputs))
+def _changed(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """x with every entry replaced by a different value of the same kind."""
+    if x.dtype == torch.bool:
+        return ~x
+    if x.dtype.is_floating_point or x.dtype.is_complex:
+        scale = float(x.detach().abs().amax()) or 1.0
+        noise = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        return x + (scale * noise).to(device=x.device, dtype=x.dtype)
+    hi = max(int(x.max()), 1) + 1  # ids: another id from the range the input already uses
+    shift = torch.randint(1, hi, x.shape, generator=gen).to(device=x.device, dtype=x.dtype)
+    return (x + shift) % hi
 
 
-def _sequence_outputs(out, length: int) -> list[torch.Tensor]:
-    return [o for o in pytree.tree_leaves(out)
-            if isinstance(o, torch.Tensor) and o.dtype.is_floating_point and o.dim() >= 2
-            and o.shape[1] == length]
+def _later(cuts: list[int], batch: int, length: int, axis: int, like: torch.Tensor) -> torch.Tensor:
+    """Bool mask (n * batch, ...) broadcastable to ``like``: copy j's positions >=
+    cuts[j] along ``axis``."""
+    dim = like.dim()
+    pos = torch.arange(length, device=like.device)
+    mask = pos[None, :] >= torch.tensor(cuts, device=like.device)[:, None]  # (n, L)
+    mask = mask.repeat_interleave(batch, dim=0)                   # (n * B, L)
+    shape = [mask.shape[0]] + [1] * (dim - 1)
+    shape[axis] = length
+    return mask.reshape(shape)
+
+
+def _output_axes(outs: list, length: int, output_axes: Sequence | None) -> list[int | None]:
+    """The sequence axis of each output tensor (None: not a per-position float output)."""
+    given = output_axes is not None and len(output_axes) == len(outs)
+    axes = []
+    for i, o in enumerate(outs):
+        if not o.dtype.is_floating_point or o.dim() < 2:
+            axes.append(None)
+        elif given:
+            ax = output_axes[i]
+            ax = ax[0] if isinstance(ax, tuple) and len(ax) == 1 else ax
+            axes.append(ax if isinstance(ax, int) and 0 < ax < o.dim() and o.shape[ax] == length
+                        else None)
+        else:
+            axes.append(1 if o.shape[1] == length else None)
+    return axes
 
 
 def _restore_buffers(model: nn.Module):
@@ -118,62 +132,165 @@ def _restore_buffers(model: nn.Module):
     return restore
 
 
-def causal_leak(model: nn.Module, example_inputs: Sequence[object], *,
-                cuts: Sequence[int] | None = None, seed: int = 0) -> float:
-    """Max change of outputs at positions < t when inputs at positions >= t change,
-    relative to the output scale, over a few cut points t. 0.0 for a causal model.
+def _module_axes(model: nn.Module, example_inputs: Sequence[object], seed: int) -> tuple:
+    """(seq_inputs, output_axes) from running the model one position longer (or shorter):
+    the output axes whose size follows the length are its sequence axes. (None, None)
+    where the model runs at one length only (the shape heuristics then apply)."""
+    from lbi_fx.passes.seq_axes import resize_sequence, sequence_length
 
-    Every float output whose axis 1 is the sequence is compared; the model runs under
-    ``no_grad`` with the same RNG seed for every run (same dropout masks) and its
-    buffers are restored afterwards. Raises ``InputError`` when no input or no output
-    has a sequence axis.
+    length = sequence_length(example_inputs)
+    if length is None:
+        return None, None
+    restore = _restore_buffers(model)
+
+    def shapes(xs):
+        restore()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            out = model(*xs)
+        return [tuple(o.shape) for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+
+    try:
+        base = shapes(list(example_inputs))
+        for new in (length + 1, length - 1):
+            if new < 2:
+                continue
+            try:
+                other = shapes(resize_sequence(example_inputs, length, new))
+            except Exception:  # noqa: BLE001 - fixed to one length: try the other side
+                continue
+            if len(other) != len(base):
+                return None, None
+            axes = [tuple(i for i, (p, q) in enumerate(zip(a, b)) if p != q)
+                    if len(a) == len(b) else None for a, b in zip(base, other)]
+            flags = [x.dim() >= 2 and x.shape[1] == length
+                     for x in pytree.tree_leaves(list(example_inputs)) if isinstance(x, torch.Tensor)]
+            return flags, axes
+    except Exception:  # noqa: BLE001 - the probe proper reports a model that does not run
+        return None, None
+    finally:
+        restore()
+    return None, None
+
+
+def causal_leak(model: nn.Module, example_inputs: Sequence[object], *,
+                cuts: Sequence[int] | None = None, seed: int = 0,
+                seq_inputs: Sequence[bool] | None = None, output_axes: Sequence | None = None,
+                max_tokens: int = 8192) -> float:
+    """Max change of outputs at positions < t when inputs at positions >= t change,
+    relative to the output scale, over every cut t = 1..L-1 (or ``cuts``). 0.0 for a
+    causal model.
+
+    Sequence inputs carry the sequence on axis 1 (``seq_inputs``: one flag per tensor
+    input, from the graph; else ids (B, L) and features (B, L, ..., D)). Every float
+    output with a sequence axis is compared along it (``output_axes``: one entry per
+    output tensor, from the graph; else axis 1 where it has the input's length). The
+    perturbed copies go through the model together, ``max_tokens`` at a time, against
+    an unperturbed replica of the same size run with the same RNG seed (same dropout
+    masks); under ``no_grad``, buffers restored afterwards. Raises ``InputError`` when no
+    input or no output has a sequence axis.
     """
-    inputs = list(example_inputs)
-    length = _sequence_length(inputs)
+    leaves, spec = pytree.tree_flatten(list(example_inputs))
+    tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+    if seq_inputs is None and output_axes is None:
+        seq_inputs, output_axes = _module_axes(model, example_inputs, seed)
+    flags = _sequence_flags(tensors, seq_inputs)
+    seqs = [x for x, f in zip(tensors, flags) if f]
+    if not seqs:
+        raise InputError("no example input has a sequence axis (ids of shape (B, L) or features "
+                         "of shape (B, L, ..., D)); causality is measured along axis 1")
+    length = int(seqs[0].shape[1])
     if length < 2:
         raise InputError("causality needs a sequence of at least 2 positions in example_inputs")
-    cuts = sorted({1, length // 2, length - 1} if cuts is None else set(cuts))
-    gen = torch.Generator().manual_seed(seed)
+    batch = next(int(x.shape[0]) for x in tensors if x.dim() >= 1)
+    cuts = sorted({t for t in (range(1, length) if cuts is None else cuts) if 0 < t < length})
     restore = _restore_buffers(model)
 
     def run(xs):
+        restore()
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return _sequence_outputs(model(*xs), length)
+            out = model(*pytree.tree_unflatten(xs, spec))
+        return [o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
 
-    try:
-        base = run(inputs)
-        if not base:
-            raise InputError(
-                f"no output of {type(model).__name__} has the sequence axis (axis 1, length "
-                f"{length}): causality is defined for per-position outputs")
-        scale = max(float(o.detach().abs().amax()) for o in base) or 1.0
-        worst = 0.0
-        for t in cuts:
-            if not 0 < t < length:
+    def leak_over(chunk: list[int], gen: torch.Generator) -> tuple[float, float]:
+        n = len(chunk)
+        rep, pert = [], []
+        for x in leaves:
+            is_t = isinstance(x, torch.Tensor)
+            if not is_t or x.dim() < 1 or x.shape[0] != batch:
+                rep.append(x)
+                pert.append(x)
                 continue
-            moved = run(_perturb(inputs, t, length, gen))
-            for a, b in zip(base, moved):
-                diff = (b[:, :t].double() - a[:, :t].double()).abs()
-                if diff.numel():
-                    worst = max(worst, float(diff.max()) / scale)
+            xr = x.repeat(n, *([1] * (x.dim() - 1)))
+            rep.append(xr)
+            if any(x is s for s in seqs) and x.shape[1] == length:
+                mask = _later(chunk, batch, length, 1, xr)
+                xr = torch.where(mask, _changed(xr, gen), xr)
+            pert.append(xr)
+        a_outs, b_outs = run(rep), run(pert)
+        axes = _output_axes(a_outs, length, output_axes)
+        worst, scale, seen = 0.0, 0.0, False
+        for a, b, ax in zip(a_outs, b_outs, axes):
+            if ax is None or a.shape[0] != n * batch or a.shape != b.shape:
+                continue
+            seen = True
+            scale = max(scale, float(a.detach().abs().amax()))
+            earlier = ~_later(chunk, batch, length, ax, a)
+            diff = torch.where(earlier, (b.double() - a.double()).abs(), 0.0)
+            worst = max(worst, float(diff.amax()))
+        if not seen:
+            raise InputError(
+                f"no output of {type(model).__name__} has the sequence axis (length {length}): "
+                "causality is defined for per-position outputs")
+        return worst, scale
+
+    per = max(1, max_tokens // (batch * length))
+    try:
+        for step in (per, 1):
+            gen = torch.Generator().manual_seed(seed)
+            try:
+                worst, scale = 0.0, 0.0
+                for i in range(0, len(cuts), step):
+                    w, s = leak_over(cuts[i:i + step], gen)
+                    worst, scale = max(worst, w), max(scale, s)
+                break
+            except InputError:
+                raise
+            except Exception:
+                if step == 1:  # the model runs one sample batch at a time only: say so
+                    raise
     finally:
         restore()
-    return worst
+    return worst / (scale or 1.0)
 
 
-def probe_causal(model: nn.Module, example_inputs: Sequence[object]) -> tuple[bool | None, float | None, str]:
+def probe_causal(model: nn.Module, example_inputs: Sequence[object], **axes
+                 ) -> tuple[bool | None, float | None, str]:
     """(causal?, leak, why unknown): never raises - a model the probe cannot run is
-    reported as unknown (None), and ``pool="auto"`` then keeps the paper's mean pool."""
+    reported as unknown (None); ``axes`` are ``causal_leak``'s ``seq_inputs`` /
+    ``output_axes`` (see ``graph_axes``)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            leak = causal_leak(model, example_inputs)
+            leak = causal_leak(model, example_inputs, **axes)
     except InputError as exc:
         return None, None, str(exc).split(";")[0]
     except Exception as exc:  # noqa: BLE001 - the probe must not break verify/transform
         return None, None, f"the causality probe could not run the model ({type(exc).__name__}: {exc})"
     return leak <= CAUSAL_TOL, leak, ""
+
+
+def graph_axes(gm: torch.fx.GraphModule) -> dict:
+    """``causal_leak``'s ``seq_inputs`` and ``output_axes`` as the graph says them (after
+    ``passes.seq_axes.mark_seq_axes``); empty when it could not tell."""
+    from lbi_fx.passes.seq_axes import SEQ_INPUTS_KEY, SEQ_KEY
+
+    flags = gm.meta.get(SEQ_INPUTS_KEY)
+    if flags is None:
+        return {}
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    return {"seq_inputs": list(flags), "output_axes": out.meta.get(SEQ_KEY)}
 
 
 def leaky_interfaces(lbi: nn.Module) -> list[str]:

@@ -17,9 +17,13 @@ Keys, all name-keyed so they survive a different data-parallel size:
 ``optim.hparams.<param>``               the param group's hyperparameters (pickled)
 ``local.<dp index>.<region rank>``      per-rank RNG states, ``extra`` and the Jacobian
                                         strategies ``jacobian="auto"`` timed in this process
-``lbi_meta.json`` (a file beside the shards) describes the model, its regions and the
-placement; :func:`load` checks it before any collective, on every rank alike, so a
-mismatching checkpoint is refused everywhere with a :class:`CheckpointError` naming the key.
+``lbi_meta.json`` (a file beside the shards) describes the model, its regions, the LBI
+layout (pool, segment layout, encoder kind, interface ranks: weights of the same shapes
+mean something else under another layout, see :mod:`lbi_fx.layout`), the placement and
+every rank's optimizer param groups; :func:`load` checks it before any collective, on
+every rank alike, so a mismatching checkpoint is refused everywhere with a
+:class:`CheckpointError` naming the field, both values and what to build instead.
+Works in one process too: ``RegionParallel`` over a world-1 gloo group.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import json
 import pickle
 import random
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +43,10 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from lbi_fx.errors import CheckpointError
+from lbi_fx.layout import layout_mismatch, lbi_layout, rebuild_hint
 
 META = "lbi_meta.json"
-FORMAT = 1
+FORMAT = 2  # 2: + "layout", "optim_groups"; 1 still loads, those unchecked (a warning)
 
 
 # -- what this rank holds -----------------------------------------------------------
@@ -94,11 +100,23 @@ def _fingerprint(module: nn.Module) -> dict[str, list]:
             for n, t in _tensors(module).items()}
 
 
+def _optim_groups(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Size and hyper-parameter keys of each param group: another grouping (say weight
+    decay on other tensors) would apply saved hyper-parameters to the wrong tensors."""
+    return [{"size": len(g["params"]), "keys": sorted(k for k in g if k != "params")}
+            for g in optimizer.param_groups]
+
+
 def _meta(rp, optimizer: torch.optim.Optimizer) -> dict:
+    """What :func:`load` compares; ``optim_groups`` holds this rank's groups only (save
+    gathers every rank's, keyed ``"<dp index>.<region rank>"``)."""
     lbi = rp.lbi
+    d, _, j = _coords(rp)
     return {"format": FORMAT, "K": lbi.num_regions, "regions": lbi.regions,
-            "ranks": list(lbi.ranks), "placement": rp.place, "dp": _coords(rp)[1],
-            "optimizer": type(optimizer).__name__, "tensors": _fingerprint(lbi)}
+            "ranks": list(lbi.ranks), "layout": lbi_layout(lbi), "placement": rp.place,
+            "dp": _coords(rp)[1], "optimizer": type(optimizer).__name__,
+            "optim_groups": {f"{d}.{j}": _optim_groups(optimizer)},
+            "tensors": _fingerprint(lbi)}
 
 
 # -- optimizer state, keyed by parameter name ----------------------------------------
@@ -214,21 +232,43 @@ def save(path: str | Path, rp, optimizer: torch.optim.Optimizer, extra: Any = No
         "device": _device_type(lbi),
         "jacobian_choice": dict(lbi.region_choices.jacobian), "batched_ok": dict(lbi.region_choices.batched)})
     group = _group(rp)
+    meta = _meta(rp, optimizer)
+    every = [None] * dist.get_world_size(group)  # each rank's param groups, for its load
+    dist.all_gather_object(every, meta["optim_groups"], group=group)
+    meta["optim_groups"] = {k: v for g in every for k, v in g.items()}
     if dist.get_rank(group) == 0:  # a save that dies halfway leaves no lbi_meta.json behind
         (path / META).unlink(missing_ok=True)
     # overwrite: --save-every rewrites one directory, as nanoGPT rewrites ckpt.pt
     dcp.save(sd, storage_writer=dcp.FileSystemWriter(str(path), overwrite=True),
              process_group=group)
     if dist.get_rank(group) == 0:  # after dcp.save's final collective: every shard is on disk
-        (path / META).write_text(json.dumps(_meta(rp, optimizer), indent=1))
+        (path / META).write_text(json.dumps(meta, indent=1))
     dist.barrier(group=group)
 
 
-def _mismatch(saved: dict, now: dict) -> str | None:
-    """The first difference, named by key; dp may differ (state is replicated over dp)."""
-    for key in ("K", "regions", "ranks"):
+def _groups_mismatch(saved: list[dict] | None, now: list[dict], where: str) -> str | None:
+    if saved is None or saved == now:
+        return None
+
+    def show(groups):
+        return (f"{len(groups)} group(s) of sizes {[g['size'] for g in groups]}, hyper-parameter "
+                f"keys {sorted({k for g in groups for k in g['keys']})}")
+    return (f"optimizer param groups ({where}): checkpoint has {show(saved)}, this optimizer "
+            f"{show(now)}; build the optimizer with the param groups it was saved with")
+
+
+def _mismatch(saved: dict, now: dict, slot: str = "0.0") -> str | None:
+    """The first difference, named by key; dp may differ (state is replicated over dp).
+    ``slot``: the saved ``"<dp replica>.<region rank>"`` whose param groups this rank takes."""
+    for key in ("K", "regions"):
         if saved[key] != now[key]:
             return f"{key}: checkpoint has {saved[key]}, this model {now[key]}"
+    if "layout" in saved:  # before "ranks": a causal layout multiplies each width
+        problem = layout_mismatch(saved["layout"], now["layout"], "checkpoint has")
+        if problem:
+            return f"{problem} ({rebuild_hint(saved['layout'])})"
+    if saved["ranks"] != now["ranks"]:
+        return f"ranks: checkpoint has {saved['ranks']}, this model {now['ranks']}"
     a, b = saved["tensors"], now["tensors"]
     for n in sorted(set(a) | set(b)):
         if n not in b:
@@ -244,6 +284,11 @@ def _mismatch(saved: dict, now: dict) -> str | None:
                 f"with {len(saved['placement'])} region ranks (world / dp; dp may differ)")
     if saved["optimizer"] != now["optimizer"]:
         return f"optimizer: checkpoint has {saved['optimizer']}, this run {now['optimizer']}"
+    if "optim_groups" in saved:
+        mine = next(iter(now["optim_groups"].values()))
+        d, j = slot.split(".")
+        return _groups_mismatch(saved["optim_groups"].get(slot), mine,
+                                f"dp replica {d}, region rank {j}")
     return None
 
 
@@ -253,8 +298,13 @@ def _read_meta(path: Path) -> dict:
         raise CheckpointError(f"no lbi-fx checkpoint at {path}: {META} is missing (an "
                               "interrupted save, or not a directory lbi_fx.checkpoint.save wrote)")
     meta = json.loads(f.read_text())
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{f}: format {meta.get('format')!r}, this lbi-fx reads {FORMAT}")
+    if meta.get("format") not in (1, FORMAT):
+        raise CheckpointError(f"{f}: format {meta.get('format')!r}, this lbi-fx reads 1 and "
+                              f"{FORMAT}")
+    if meta["format"] == 1:
+        warnings.warn(f"lbi-fx: {f} predates layout records (format 1): its pool, segment "
+                      "layout, encoder kind and optimizer param groups are not checked",
+                      stacklevel=3)
     return meta
 
 
@@ -268,19 +318,19 @@ def load(path: str | Path, rp, optimizer: torch.optim.Optimizer) -> Any:
     Replica d takes the RNG states and ``extra`` of saved replica ``d % saved_dp``; a
     replica the checkpoint did not have (d >= saved_dp) then reseeds from them and its
     index, so it draws its own dropout masks (that part is not a continuation).
-    Raises :class:`CheckpointError` naming the first mismatching key (model, K, regions,
-    interface ranks, placement over the region ranks, optimizer class) before any
-    collective, on every rank.
+    Raises :class:`CheckpointError` naming the first mismatching field (K, regions, pool,
+    segment layout, encoder kind, interface ranks, tensors, placement over the region
+    ranks, optimizer class, param groups) before any collective, on every rank.
     """
     path = Path(path)
     meta = _read_meta(path)
-    problem = _mismatch(meta, _meta(rp, optimizer))
+    d, _, j = _coords(rp)
+    problem = _mismatch(meta, _meta(rp, optimizer), f"{d % meta['dp']}.{j}")
     if problem:
         raise CheckpointError(f"checkpoint {path} does not fit this run: {problem}. Build "
                               "the model, regions and optimizer the checkpoint was saved from")
     md = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     mine = owned(rp)
-    d, _, j = _coords(rp)
     src = d % meta["dp"]
     tensors = _tensors(rp.lbi)
     dest: dict[str, Any] = {f"model.{n}": tensors[n].detach() for n in sorted(mine)}

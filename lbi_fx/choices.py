@@ -7,10 +7,12 @@ dtype, device and train/eval mode (dropout moves attention off the CPU flash ker
 which has no forward-mode rule), so ``LBIModule`` clears this object whenever one of
 them changes and the next backward decides afresh.
 
-A decision that a failure forced (a strategy that raised during the probe, batched VJPs
-that raised - CUDA out-of-memory included) is exact but may be slower than expected, so
-it is reported once per region and cause with a ``FallbackWarning``, and
-``LBIModule.explain()`` lists it.
+What auto's probe finds unsupported (CPU flash attention has no forward-mode rule, an op
+without a batching rule) is a choice auto makes by design: recorded and listed by
+``LBIModule.explain()``, never warned about. A fallback that costs something the user did
+not choose (batched VJPs that raised outside the probe - CUDA out-of-memory included -
+and so run one row at a time from then on) is exact but slower: one ``FallbackWarning``
+per model and cause, pointing at the user's line, and ``explain()`` lists it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ import torch
 class FallbackWarning(UserWarning):
     """A region's backward fell back to another (still exact) way of computing J_k."""
 
+
+# cause -> what auto does instead when its probe finds the strategy unsupported
+_PROBED = {
+    "forward": "auto uses VJPs there (expected: e.g. CPU flash attention has no forward-mode rule)",
+    "reuse-batched": "auto uses per-row VJPs or forward mode there",
+    "reuse-rows": "auto uses another strategy there",
+}
 
 # cause -> what runs instead, in words
 _INSTEAD = {
@@ -49,32 +58,40 @@ class RegionChoices:
     batched: dict[int, bool] = field(default_factory=dict)   # region -> batched VJPs work
     probes: dict[int, dict[str, float | str]] = field(default_factory=dict)  # seconds or error
     fallbacks: dict[int, dict[str, str]] = field(default_factory=dict)  # region -> cause -> why
-    reported: set[tuple[int, str, str]] = field(default_factory=set)  # kept by ``clear``
+    # region -> cause -> why: what auto's probe found unsupported (by design, not warned)
+    unsupported: dict[int, dict[str, str]] = field(default_factory=dict)
+    reported: set[str] = field(default_factory=set)  # causes warned about; kept by ``clear``
     probe_runs: int = 0   # how many region probes ran (a cleared object probes again)
+    probing: bool = False  # auto's probe is running: failures are its findings
 
     def clear(self) -> None:
         """Forget every decision (the next backward probes again); fallbacks already
         reported stay reported, so a train/eval toggle per epoch does not repeat them."""
-        for d in (self.jacobian, self.batched, self.probes, self.fallbacks):
+        for d in (self.jacobian, self.batched, self.probes, self.fallbacks, self.unsupported):
             d.clear()
 
     def fell_back(self, k: int, cause: str, exc: BaseException) -> None:
-        """Remember that ``cause`` failed in region k with ``exc`` (reported by ``flush``)."""
+        """Remember that ``cause`` failed in region k with ``exc``: a finding of auto's probe
+        while it runs (explained only), else a fallback (reported by ``flush``)."""
         text = str(exc).strip()
         first = text.splitlines()[0] if text else ""
-        self.fallbacks.setdefault(k, {})[cause] = f"{type(exc).__name__}: {first}"[:300]
+        where = self.unsupported if self.probing else self.fallbacks
+        where.setdefault(k, {})[cause] = f"{type(exc).__name__}: {first}"[:300]
 
     def flush(self, k: int) -> None:
-        """Warn once per (region, cause, error) about fallbacks not reported yet."""
+        """Warn about region k's fallbacks whose cause this model has not reported yet:
+        one warning per model and cause, however many regions (and steps) meet it."""
         for cause, why in self.fallbacks.get(k, {}).items():
-            if (k, cause, why) in self.reported:
+            if cause in self.reported:
                 continue
-            self.reported.add((k, cause, why))
+            self.reported.add(cause)
+            where = ("`lbi-fx inspect FACTORY --regions SPEC --jacobian J --explain`"
+                     if _from_cli() else "lbi.explain()")
             warnings.warn(
                 f"lbi-fx: region {k}: {_label(cause)} failed ({why}); "
-                f"{_INSTEAD.get(cause, 'another way is used')}. Gradients stay exact; "
-                "lbi.explain() lists every region's choices", FallbackWarning,
-                stacklevel=_caller_level())
+                f"{_INSTEAD.get(cause, 'another way is used')}. Gradients stay exact; said "
+                f"once per model (other regions may do the same): {where} lists every "
+                "region's choices", FallbackWarning, stacklevel=_caller_level())
 
 
 def _own_dirs() -> tuple[str, ...]:
@@ -93,6 +110,18 @@ def _caller_level() -> int:
     while frame is not None and _internal(frame.f_code.co_filename, own):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def _from_cli() -> bool:
+    """Is the ``lbi-fx`` command line running this (``lbi_fx.cli.main`` on the stack)?
+    Its users have no ``lbi`` object to call ``explain()`` on."""
+    cli = os.path.join("lbi_fx", "cli.py")
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "main" and frame.f_code.co_filename.endswith(cli):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _internal(filename: str, own: tuple[str, ...]) -> bool:
@@ -118,12 +147,16 @@ class RegionExplanation:
     jacobian: str                 # strategy in use ("-" for the last region: no J_k)
     why: str                      # asked, or auto's probe and its timings
     vjps: str                     # batched | per-row | - (not used)
-    fallbacks: dict[str, str] = field(default_factory=dict)
+    fallbacks: dict[str, str] = field(default_factory=dict)    # cause -> error (warned)
+    unsupported: dict[str, str] = field(default_factory=dict)  # auto's probe: cause -> error
 
     def __str__(self) -> str:
         out = "-" if self.width_out is None else str(self.width_out)
         line = (f"region {self.region} ({', '.join(self.modules)}): m {self.width_in} -> {out}; "
                 f"jacobian {self.jacobian} ({self.why}); VJPs {self.vjps}")
+        for cause, why in self.unsupported.items():
+            line += (f"\n    auto's probe: {_label(cause)} unsupported here: {why}; "
+                     f"{_PROBED.get(cause, '')}")
         for cause, why in self.fallbacks.items():
             line += f"\n    fallback: {_label(cause)} failed: {why}; {_INSTEAD.get(cause, '')}"
         return line
@@ -151,7 +184,7 @@ def explain_region(choices: RegionChoices, k: int, asked: str, last: bool) -> tu
     elif k not in choices.jacobian:
         why = "auto; not probed yet: runs at the next backward"
     else:
-        timings = ", ".join(f"{n} {v * 1e3:.2f} ms" if isinstance(v, float) else f"{n} failed"
+        timings = ", ".join(f"{n} {v * 1e3:.2f} ms" if isinstance(v, float) else f"{n} unsupported"
                             for n, v in choices.probes.get(k, {}).items())
         why = f"picked by auto's probe: {timings}" if timings else "picked by auto"
     uses_vjps = strategy == "reuse"

@@ -382,21 +382,51 @@ def _flat_by_dtype(params: Sequence[nn.Parameter]) -> list[tuple[list[nn.Paramet
     return out
 
 
-def _unflatten_into(ps: Sequence[nn.Parameter], flat: torch.Tensor, scale: float = 1.0) -> None:
+def _take_grads(params: Sequence[nn.Parameter]) -> dict[nn.Parameter, torch.Tensor | None]:
+    """Detach what ``.grad`` accumulated before this step (``.grad`` becomes None), so that
+    only this step's contribution goes through the all-reduce: summing the whole ``.grad``
+    would multiply earlier steps' (already reduced) gradients by the number of ranks.
+    :func:`_unflatten_into` adds it back; :func:`_restore_grads` after a failure."""
+    prev = {}
+    for p in params:
+        prev[p], p.grad = p.grad, None
+    return prev
+
+
+def _restore_grads(prev: dict[nn.Parameter, torch.Tensor | None]) -> None:
+    """After a failed step: the earlier gradients plus this step's local (unreduced) part,
+    what plain autograd would have left."""
+    for p, old in prev.items():
+        if old is not None:
+            p.grad = old if p.grad is None else old + p.grad
+    prev.clear()
+
+
+def _unflatten_into(ps: Sequence[nn.Parameter], flat: torch.Tensor, scale: float = 1.0,
+                    prev: dict | None = None) -> None:
+    """Write a reduced bucket back into ``.grad``, added to ``prev`` (popped: what
+    :func:`_take_grads` kept out of the reduction). Where no rank had a gradient this step
+    ``.grad`` keeps its earlier value, None included, as autograd leaves it."""
     flags = flat[len(flat) - len(ps):]
     i = 0
     for p, has in zip(ps, flags.tolist()):
+        old = None if prev is None else prev.pop(p, None)
         g = flat[i: i + p.numel()].view_as(p)
-        p.grad = None if has == 0 else g * scale if scale != 1.0 else g.clone()
+        if has == 0:
+            p.grad = old
+        else:
+            g = g * scale if scale != 1.0 else g
+            p.grad = old + g if old is not None else g if scale != 1.0 else g.clone()
         i += p.numel()
 
 
-def _sum_shared(comm: Comm, params: Sequence[nn.Parameter]) -> None:
+def _sum_shared(comm: Comm, params: Sequence[nn.Parameter], prev: dict | None = None) -> None:
     """All-reduce (sum) the gradients of parameters several ranks contribute to: one flat
-    buffer per dtype. A rank that did not touch one contributes zeros."""
+    buffer per dtype. A rank that did not touch one contributes zeros. ``prev``: the
+    gradients :func:`_take_grads` kept out, added back afterwards."""
     for ps, flat in _flat_by_dtype(params):
         comm.all_reduce(flat, "grad_allreduce")
-        _unflatten_into(ps, flat)
+        _unflatten_into(ps, flat, prev=prev)
 
 
 def sync_from_rank0(comm: Comm, module: nn.Module, group=None) -> None:
@@ -498,9 +528,11 @@ class RegionParallel:
     region group only computes with its own regions, the prologue, and (last rank) the
     epilogue. Each dp replica is fed its own shard of the batch (the caller passes the
     local shard, as with DDP; :func:`shard_batch` cuts one from a global batch). After
-    :meth:`step` each rank's ``.grad`` equals the gradient of the mean loss over the
-    global batch for the parameters it uses (:attr:`used`); parameters of other ranks'
-    regions keep ``grad = None``.
+    :meth:`step` each rank's ``.grad`` holds the gradient of the mean loss over the
+    global batch for the parameters it uses (:attr:`used`), added to what it held before
+    (steps without ``zero_grad`` accumulate, as under autograd); parameters of other
+    ranks' regions keep ``grad = None``. What ``lbi`` trains is read at every step, so
+    freezing or replacing parameters between steps (the same on every rank) is seen.
 
     Attributes: ``lbi``, ``mesh`` (or None), ``dp_group`` (None without a mesh),
     ``region_group``, ``rank`` (this rank's position in the region group, i.e. which
@@ -535,23 +567,7 @@ class RegionParallel:
         self.slot = {k: i for ks in self.place for i, k in enumerate(ks)}
         self.mine = self.place[self.rank]
         self.last = self.world - 1
-        progs = lbi.programs
-        names = {id(p): n for n, p in lbi.named_parameters()}
-        users: dict[int, set[int]] = {}
-        for p in _trainable(progs["prologue"]):
-            users.setdefault(id(p), set()).update(range(self.world))
-        for p in _trainable(progs["epilogue"]):
-            users.setdefault(id(p), set()).add(self.last)
-        for k, rgm in enumerate(progs["regions"]):
-            for p in _trainable(rgm):
-                users.setdefault(id(p), set()).add(self.owner[k])
-        self.n_params = len({id(p) for rgm in progs["regions"] for p in _trainable(rgm)})
-        self.users = {names[i]: sorted(u) for i, u in users.items()}
-        params = dict(lbi.named_parameters())
-        self.shared = [params[n] for n, u in self.users.items() if len(u) > 1]
-        self.used = sorted(n for n, u in self.users.items() if self.rank in u)
-        # averaged over dp alone: the same list on every rank of this rank's dp group
-        self.own = [params[n] for n in self.used if len(self.users[n]) == 1]
+        self._layout()
         self._check_crossings()
         self.timings: dict[str, float] = {}
         RegionParallel._instances += 1
@@ -563,6 +579,39 @@ class RegionParallel:
             self.comm.watch = self.watch
         if sync_params:
             sync_from_rank0(self.comm, lbi, group=self.world_group)
+
+    def _layout(self) -> None:
+        """Which rank uses which trainable parameter, read afresh from ``lbi`` at every
+        step: freezing, unfreezing or replacing a parameter (``load_state_dict(assign=True)``)
+        rebuilds its programs, and lists kept from an earlier step would reduce stale or
+        frozen tensors. Every rank must hold the same trainable set (the flat buffers are
+        laid out from it)."""
+        lbi = self.lbi
+        progs = lbi.programs
+        named = dict(lbi.named_parameters())
+        names = {id(p): n for n, p in named.items()}
+        # insertion order (each program's parameters) lays out the flat buffers: the same
+        # on every rank, so never iterate a set of ids here
+        users: dict[int, set[int]] = {}
+        for p in _trainable(progs["prologue"]):
+            users.setdefault(id(p), set()).update(range(self.world))
+        for p in _trainable(progs["epilogue"]):
+            users.setdefault(id(p), set()).add(self.last)
+        for k, rgm in enumerate(progs["regions"]):
+            for p in _trainable(rgm):
+                users.setdefault(id(p), set()).add(self.owner[k])
+        self.n_params = len({id(p) for rgm in progs["regions"] for p in _trainable(rgm)})
+        # (at construction lbi's programs may predate a replaced parameter: the next
+        # step's prologue rebuilds them and this runs again)
+        self.users = {names[i]: sorted(u) for i, u in users.items() if i in names}
+        # reduced after the prologue's backward, summed over the whole mesh: parameters
+        # several region ranks use; with one region rank (dp x 1) all of them in one
+        # bucket, as the dp bucket started before that backward would miss the prologue's
+        late = set(self.users) if self.dp_group is not None and self.world == 1 else set()
+        self.shared = [named[n] for n, u in self.users.items() if len(u) > 1 or n in late]
+        self.used = sorted(n for n, u in self.users.items() if self.rank in u)
+        # averaged over dp alone: the same list on every rank of this rank's dp group
+        self.own = [named[n] for n in self.used if len(self.users[n]) == 1 and n not in late]
 
     def _roles(self) -> dict[int, dict]:
         """Every rank's regions and dp replica, by global rank (for failure messages)."""
@@ -592,11 +641,17 @@ class RegionParallel:
                     "interface m_k may cross ranks")
 
     # forward ------------------------------------------------------------------------
-    def _forward(self, inputs: Sequence, loss_fn: Callable) -> dict:
+    def _forward(self, inputs: Sequence, loss_fn: Callable, prev: dict) -> dict:
+        """``prev`` is filled with the reduced parameters' earlier gradients
+        (:func:`_take_grads`); the forward itself touches no ``.grad``."""
         lbi, comm, K, T, W = self.lbi, self.comm, self.K, _Timer(), self.watch
         W.enter("forward")
         with torch.enable_grad(), T("prologue"):
             pro_env = lbi.run_prologue(tuple(inputs))
+        # after the prologue: lbi rebuilds its programs there when parameters were
+        # replaced, frozen or unfrozen, so what it trains now is read from fresh programs
+        self._layout()
+        prev.update(_take_grads(self.shared + (self.own if self.dp_group is not None else [])))
         m0, statics = lbi.chain_inputs(pro_env)
         env = lbi.chain_env(pro_env, statics)
         widths = [lbi.ranks[0], *lbi.ranks]
@@ -637,7 +692,9 @@ class RegionParallel:
                     widths=widths, timer=T)
 
     # backward -----------------------------------------------------------------------
-    def _backward(self, f: dict) -> None:
+    def _backward(self, f: dict, prev: dict) -> None:
+        """``prev``: the gradients of the reduced parameters before this step
+        (:func:`_take_grads`), added back once this step's part is reduced."""
         comm, K, T, state, W = self.comm, self.K, f["timer"], f["state"], self.watch
         m0, widths = f["m0"], f["widths"]
         B, dtype, r = m0.shape[0], m0.dtype, state.r_max
@@ -649,8 +706,9 @@ class RegionParallel:
             for (s, _), g in zip(cache.static, grads[:ns]):
                 if g is not None:
                     static_grads[s] = g if static_grads[s] is None else static_grads[s] + g
-            for (_, p), g in zip(cache.params, grads[ns:]):
-                _add_grad(p, g)
+            params = self.lbi._build()["params"]  # cache.params holds the region's aliases
+            for (i, _), g in zip(cache.params, grads[ns:]):
+                _add_grad(params[i], g)
 
         payload = m0.new_zeros(B, max(len(p) for p in self.place), r, r)
         mbar_last = m0.new_zeros(B, widths[K - 1])
@@ -711,31 +769,33 @@ class RegionParallel:
         with T("allreduce"):
             for ps, flat in _flat_by_dtype(self.shared):
                 comm.all_reduce(flat, "grad_allreduce", self.world_group)
-                _unflatten_into(ps, flat, 1.0 / self.dp_size)
+                _unflatten_into(ps, flat, 1.0 / self.dp_size, prev)
         with T("dp_wait"):  # what the overlap did not hide
             for ps, flat, handle in dp or ():
                 comm.finish(handle)
-                _unflatten_into(ps, flat, 1.0 / self.dp_size)
+                _unflatten_into(ps, flat, 1.0 / self.dp_size, prev)
 
     def step(self, inputs: Sequence, loss_fn: Callable) -> float:
-        """Forward + backward on this replica's shard ``inputs``; fills ``.grad`` with the
-        gradient of the mean loss over the global batch; returns that loss on every rank.
-        Zero the gradients before calling (``optimizer.zero_grad()``). A failure here is
+        """Forward + backward on this replica's shard ``inputs``; adds the gradient of the
+        mean loss over the global batch to ``.grad`` (steps without ``zero_grad``
+        accumulate, as autograd does); returns that loss on every rank. A failure here is
         published to the other ranks before it is raised (see the module docstring)."""
         W = self.watch
         W.step += 1
+        prev: dict = {}
         try:
-            f = self._forward(inputs, loss_fn)
-            self._backward(f)
-            W.enter("loss")
-            return self._loss(f)
-        except (PeerFailedError, DistributedTimeout):
-            raise  # a peer's failure, or a timeout this rank already published
-        except DistributedError as exc:
-            W.fail(exc)
-            raise
-        except BaseException as exc:
-            W.fail(exc)
+            try:
+                f = self._forward(inputs, loss_fn, prev)
+                self._backward(f, prev)
+                W.enter("loss")
+                return self._loss(f)
+            except (PeerFailedError, DistributedTimeout):
+                raise  # a peer's failure, or a timeout this rank already published
+            except BaseException as exc:
+                W.fail(exc)
+                raise
+        except BaseException:
+            _restore_grads(prev)  # what was accumulated before is not lost with the step
             raise
 
     def _loss(self, f: dict) -> float:
@@ -792,6 +852,7 @@ class PipelineBaseline:
         """``sync``: barrier between forward and backward, so ``timings['backward']`` on
         rank 0 is the wall time of the whole sequential backward chain."""
         m, comm, T = self.model, self.comm, _Timer()
+        prev = _take_grads(self.shared)  # steps accumulate: only this one's is summed
         B, L, D = idx.shape[0], idx.shape[1], m.wte.embedding_dim
         dtype = m.wte.weight.dtype
         with T("forward"):
@@ -821,7 +882,7 @@ class PipelineBaseline:
             if x_in is not None:
                 comm.isend(x_in.grad, self.rank - 1, "pipe_backward_grad").wait()
         with T("allreduce"):
-            _sum_shared(comm, self.shared)
+            _sum_shared(comm, self.shared, prev)
         val = (loss.detach().reshape(1).double() if loss is not None
                else torch.zeros(1, dtype=torch.float64, device=idx.device))
         comm.broadcast(val, self.last, "loss")

@@ -35,6 +35,11 @@ class BatchMixingError(RewriteError):
     """An operation inside a region mixes samples, so interfaces are not per-sample."""
 
 
+class ModeError(LBIError):
+    """A ``.train()``/``.eval()`` change the rewritten model cannot follow exactly (its
+    capture branches on ``self.training``); transform the model again in that mode."""
+
+
 class NonFiniteError(LBIError):
     """A NaN or Inf appeared where ``check_finite=True`` forbids it."""
 

@@ -22,13 +22,23 @@ def _mlp(d_in: int, hidden: int, d_out: int, kind: str) -> nn.Module:
 
 
 POOLS = ("auto", "causal", "mean", "last")
+DECODER_INITS = ("default", "zero")
+MIN_RANK = 3  # LayerNorm over r scalars per row keeps r - 2 degrees of freedom
+
+
+def rank_problem(rank: int) -> str:
+    """Why ``rank`` scalars per row carry nothing through the interface's LayerNorm."""
+    what = "a constant (all J_k == 0)" if rank <= 1 else "only a sign (J_k ~ 1e-5: one bit)"
+    return (f"the interface's LayerNorm removes each row's mean and scale, so {rank} scalar(s) "
+            f"per row carry {what}; use rank >= {MIN_RANK}")
 
 
 @dataclass(frozen=True)
 class Segments:
-    """The causal layout: the sequence axis (axis 1) cut into ``count`` fixed segments of
-    ``length`` positions. Boundaries are absolute positions, so a shorter input sees the
-    same segments as the example (a prefix of them); ``max_len`` bounds the input."""
+    """The causal layout: the sequence axis (wherever the graph puts it) cut into
+    ``count`` fixed segments of ``length`` positions. Boundaries are absolute positions,
+    so a shorter input sees the same segments as the example (a prefix of them);
+    ``max_len`` bounds the input."""
 
     count: int
     length: int
@@ -42,7 +52,15 @@ class Segments:
             segment_len = -(-max_len // 4)
         if isinstance(segment_len, bool) or not isinstance(segment_len, int) or segment_len < 1:
             raise InputError(f"segment_len={segment_len!r}: positions per segment, an int >= 1")
-        return Segments(-(-max_len // segment_len), segment_len, max_len)
+        count = -(-max_len // segment_len)
+        if count < 2:
+            # row 0 pools the empty prefix: m_{k+1} would not depend on region k at all
+            raise InputError(
+                f"segment_len={segment_len} with max_len={max_len} leaves a single causal "
+                "segment, whose row summarises the empty prefix before it: the interface "
+                "would carry nothing from any region. Use segment_len <= max_len // 2 "
+                f"(default ceil(max_len / 4)), or pool='mean'")
+        return Segments(count, segment_len, max_len)
 
     def check(self, length: int) -> None:
         if length > self.max_len:
@@ -97,15 +115,22 @@ class InterfaceEncoder(nn.Module):
     Without ``m`` (the entry interface) it is m_0 = LN(Enc_in(pool(canvas))). With
     ``segments`` (``pool="causal"``) every quantity has one row per segment, carried flat
     as (B, S * r): row s pools positions before segment s, LayerNorm acts per row.
+    ``seq_axes`` (one per input, from the graph) moves each input's sequence axis to 1
+    first, so a channels-first (B, D, L) tensor pools over L and encodes D features.
+    LayerNorm over r scalars keeps r - 2 degrees of freedom (mean and scale go), so
+    r < 3 per row would carry a constant (r = 1) or a sign (r = 2): refused.
     """
 
     def __init__(self, in_features: list[int], rank: int, hidden: int, *, kind: str = "mlp",
                  pool: str = "mean", residual: bool = True, in_rank: int | None = None,
-                 segments: Segments | None = None):
+                 segments: Segments | None = None, seq_axes: list[int | None] | None = None):
         super().__init__()
         if (pool == "causal") != (segments is not None):
             raise RewriteError("pool='causal' needs a segment layout, and only it takes one "
                                "(a bug in lbi-fx's rewrite; please report it)")
+        if rank < MIN_RANK:
+            raise InputError(f"an interface of rank {rank} per row: {rank_problem(rank)}")
+        self.seq_axes = list(seq_axes) if seq_axes is not None else None
         self.rank = rank
         self.in_rank = rank if in_rank is None else in_rank
         self.in_features = list(in_features)
@@ -122,6 +147,9 @@ class InterfaceEncoder(nn.Module):
 
     def forward(self, m: torch.Tensor | None, *ys: torch.Tensor) -> torch.Tensor:
         z = None
+        axes = getattr(self, "seq_axes", None)
+        if axes is not None:
+            ys = tuple(y if s is None or s == 1 else y.movedim(s, 1) for y, s in zip(ys, axes))
         if self.net is not None:
             if self.segments is not None:
                 pooled = [prefix_pool(y, self.segments) for y in ys]
@@ -162,23 +190,36 @@ class InterfaceDecoder(nn.Module):
     ``shape`` says how to build the target shape at run time: each entry is either
     ``("canvas", j)`` (take ``canvas.shape[j]``, so batch and sequence stay dynamic) or
     ``("const", n)``. A crossing tensor whose shape differs from the canvas gets a zero
-    canvas (``use_canvas=False``).
+    canvas (``use_canvas=False``). ``seq_axis`` (from the graph) is where the target keeps
+    its sequence: the decoder builds it on axis 1 and moves it there.
     """
 
     def __init__(self, rank: int, hidden: int, out_features: int, shape: list[tuple[str, int]],
-                 *, kind: str = "mlp", use_canvas: bool = True, segments: Segments | None = None):
+                 *, kind: str = "mlp", use_canvas: bool = True, segments: Segments | None = None,
+                 seq_axis: int | None = None, zero_init: bool = False):
         super().__init__()
         self.shape = [tuple(s) for s in shape]
-        if segments is not None and (len(self.shape) < 3 or self.shape[1] != ("canvas", 1)):
-            raise RewriteError("a causal decoder needs the sequence on axis 1 of its target "
-                               "(a bug in lbi-fx's rewrite; please report it)")
+        self.seq_axis = seq_axis
+        at = 1 if seq_axis is None else seq_axis
+        if segments is not None and (len(self.shape) < 3 or not 0 < at < len(self.shape)
+                                     or self.shape[at][0] != "canvas"):
+            raise RewriteError("a causal decoder needs the sequence axis of its target to follow "
+                               "the canvas's (a bug in lbi-fx's rewrite; please report it)")
         self.rank = rank
         self.use_canvas = use_canvas
         self.segments = segments
         self.net = _mlp(rank, hidden, out_features, kind)
+        if zero_init:  # Dec_k(m) = 0 at init: each region starts as its dense self on the canvas
+            last = self.net if isinstance(self.net, nn.Linear) else self.net[-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     def forward(self, m: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
         shape = [canvas.shape[v] if how == "canvas" else v for how, v in self.shape]
+        at = getattr(self, "seq_axis", None)
+        moved = at is not None and at != 1
+        if moved:  # build (B, L, ..., F), then put the sequence back on its axis
+            shape = [shape[0], shape[at], *shape[1:at], *shape[at + 1:]]
         if self.segments is not None:  # position t reads the row of its segment
             d = self.net(m.reshape(m.shape[0], self.segments.count, self.rank))
             d = spread(d, shape[1], self.segments)
@@ -190,4 +231,6 @@ class InterfaceDecoder(nn.Module):
                 d = d.reshape(shape)
             else:
                 d = d.reshape(d.shape[0], *([1] * (len(shape) - 2)), d.shape[-1]).expand(shape)
+        if moved:
+            d = d.movedim(1, at)
         return canvas + d if self.use_canvas else d.contiguous()

@@ -19,8 +19,9 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from lbi_fx.choices import Explanation, RegionChoices, RegionExplanation, explain_region
-from lbi_fx.errors import InputError
+from lbi_fx.errors import BatchMixingError, InputError, LBIError
 from lbi_fx.passes.build_backward import build_backward_graph
+from lbi_fx.passes.capture import MODE_PROBLEM_KEY, SIGNATURE_KEY
 from lbi_fx.passes.split_places import Programs
 from lbi_fx.report import SeparatorReport
 from lbi_fx.runtime import STRATEGIES, ChainState, LBIChain, RegionCache, RngSnapshot
@@ -71,9 +72,21 @@ class LBIModule(nn.Module):
         self.check_finite = check_finite
         self.capture = capture
         self._pytree_info = pytree_info
+        self._signature = gm.meta.get(SIGNATURE_KEY)  # an exported forward's parameters
         self._backward = "scan"
         self._compiled = None
         self._record: dict = {}  # J_k and suffix products of the last scan backward
+        # What the programs and checks were derived from (see ``_refresh``): the identity
+        # and requires_grad of every parameter, buffer identities, and module modes.
+        self.training = gm.training
+        for name, m in self.named_modules():  # interfaces the rewrite added: the model's mode
+            if name == "lbi" or name.startswith("lbi."):
+                m.training = gm.training
+        self._mode_problem = gm.meta.get(MODE_PROBLEM_KEY)
+        self._batch = gm.meta.get("lbi_batch")
+        self._built_key: tuple | None = None
+        self._modes_seen = self._modes()
+        self._captured_modes = self._user_modes()
 
     # -- configuration -------------------------------------------------------------
     @property
@@ -106,19 +119,106 @@ class LBIModule(nn.Module):
         # new dtype or device may change which Jacobian strategy works or is fastest.
         self._compiled = None
         before = _placement(self)
+        moves = {(d, dev): _moved(fn, d, dev) for d, dev in before}
         out = super()._apply(fn, recurse)
         if _placement(self) != before:
             self.region_choices.clear()
+            if self.capture.startswith("export"):
+                self._follow_placement(moves)
         return out
 
+    def _follow_placement(self, moves: dict) -> None:
+        """``torch.export`` writes the dtype and device it saw into the graph (casts,
+        factory calls, dtype assertions), where the model's code said ``x.dtype`` or
+        ``self.device``: after ``.to()`` those constants follow the model's tensors, so an
+        exported model computes in its new dtype and device as a traced one does."""
+        dtypes = {d: nd for (d, _), (nd, _) in moves.items() if d.is_floating_point and d != nd}
+        devices = {dev: nv for (_, dev), (_, nv) in moves.items() if dev != nv}
+
+        def swap(a):
+            if isinstance(a, torch.dtype):
+                return dtypes.get(a, a)
+            if isinstance(a, torch.device):
+                return devices.get(a, a)
+            return a
+
+        graphs = [self._flat_graph, self._programs_spec.prologue.graph, self._programs_spec.epilogue.graph,
+                  *[p.graph for p in self._programs_spec.regions]]
+        for graph in graphs:
+            for node in graph.nodes:
+                if node.op in ("call_function", "call_method", "call_module"):
+                    node.args = pytree.tree_map(swap, node.args)
+                    node.kwargs = pytree.tree_map(swap, node.kwargs)
+        for name, value in list(vars(self).items()):  # constants export lifted (not buffers)
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                nd, nv = moves.get((value.dtype, value.device), (value.dtype, value.device))
+                if value.dtype.is_floating_point or nv != value.device:
+                    setattr(self, name, value.to(device=nv, dtype=nd if value.dtype.is_floating_point else value.dtype))
+
     def train(self, mode: bool = True):
-        # train/eval switches dropout and attention kernels (CPU flash attention has no
-        # forward-mode rule): the per-region choices are made again at the next backward.
-        before = [m.training for m in self.modules()]
+        # train/eval switches dropout (followed by the programs' mode switches) and
+        # attention kernels (CPU flash attention has no forward-mode rule): the per-region
+        # choices are made again at the next backward. A change that would make a region
+        # mix samples, or that the capture cannot follow, is refused here and undone.
+        before = [(m, m.training) for m in self.modules()]
         out = super().train(mode)
-        if [m.training for m in self.modules()] != before:
-            self.region_choices.clear()
+        if self._modes() != self._modes_seen:
+            try:
+                self._check_modes(f"lbi.{'train' if mode else 'eval'}()")
+            except LBIError:
+                for m, was in before:
+                    m.training = was
+                raise
         return out
+
+    # -- the state the programs follow -------------------------------------------------
+    def _modes(self) -> tuple[bool, ...]:
+        return tuple(m.training for m in self.modules())
+
+    def _user_modes(self) -> dict[str, bool]:
+        """Modes of the captured model's modules (not lbi-fx's interfaces or switches)."""
+        return {n: m.training for n, m in self.named_modules()
+                if not (n == "lbi" or n.startswith("lbi.") or "lbi_mode_" in n)}
+
+    def _state_key(self) -> tuple:
+        return (tuple((id(p), p.requires_grad) for p in self.parameters()),
+                tuple(id(b) for b in self.buffers()))
+
+    def _refresh(self) -> None:
+        """Before every forward: programs and per-region facts are caches of the module's
+        state. Parameters replaced (``load_state_dict(assign=True)``), frozen or unfrozen
+        rebuild the programs and parameter slots; a mode change (``.train()``/``.eval()``
+        on any submodule) re-runs the checks that depend on it and the per-region choices."""
+        if self._compiled is not None and self._built_key != self._state_key():
+            self._compiled = None
+        if self._modes() != self._modes_seen:
+            self._check_modes("this forward (a submodule's mode changed)")
+
+    def _check_modes(self, call: str) -> None:
+        """The modules' modes changed: refuse what cannot stay exact, naming the module;
+        otherwise remember them and decide per-region choices afresh."""
+        from lbi_fx.errors import ModeError
+        from lbi_fx.passes.check_batch_mixing import check_batch_mixing
+
+        now = self._user_modes()
+        if self._mode_problem is not None and now != self._captured_modes:
+            changed = [n or "<root>" for n, v in now.items() if self._captured_modes.get(n) != v]
+            raise ModeError(
+                f"{call} changes the mode of {', '.join(changed[:3])}"
+                f"{' ...' if len(changed) > 3 else ''}, but the rewritten model cannot follow "
+                f"a mode change: {self._mode_problem}. Set the modes you train in on the "
+                "original model and transform it again (one LBI module per mode)")
+        if self._batch is not None:
+            try:
+                check_batch_mixing(self.rewritten_graph, self.num_regions, self._batch)
+            except BatchMixingError as exc:
+                raise BatchMixingError(f"{call} makes a region mix samples: {exc}. To keep "
+                                       "BatchNorm statistics frozen while training the rest, set "
+                                       "modes per module: `for m in lbi.modules(): m.training = "
+                                       "not isinstance(m, torch.nn.modules.batchnorm._BatchNorm)`"
+                                       ) from None
+        self._modes_seen = self._modes()
+        self.region_choices.clear()
 
     # older callers (and tests written against them): views of ``region_choices``
     @property
@@ -147,15 +247,20 @@ class LBIModule(nn.Module):
         params: list[nn.Parameter] = []
         index: dict[int, int] = {}
         region_params: list[list[int]] = []
+        region_names: list[list[tuple[str, int]]] = []  # every name of each slot, per region
         for rgm in regions:
-            slots = []
-            for p in dict.fromkeys(rgm.parameters()):
+            slots, names = [], []
+            for name, p in rgm.named_parameters(remove_duplicate=False):
                 if p.requires_grad:
                     if id(p) not in index:
                         index[id(p)] = len(params)
                         params.append(p)
-                    slots.append(index[id(p)])
+                    if index[id(p)] not in slots:
+                        slots.append(index[id(p)])
+                    names.append((name, index[id(p)]))
             region_params.append(slots)
+            region_names.append(names)
+        self._built_key = self._state_key()
         compiled = {
             "prologue": gm(spec.prologue, "Prologue"),
             "regions": regions,
@@ -163,6 +268,7 @@ class LBIModule(nn.Module):
             "static_names": static_names,
             "params": params,
             "region_params": region_params,
+            "region_param_names": region_names,
         }
         self._compiled = compiled
         return compiled
@@ -178,6 +284,7 @@ class LBIModule(nn.Module):
 
     @property
     def programs(self) -> dict:
+        self._refresh()
         c = self._build()
         return {"prologue": c["prologue"], "regions": list(c["regions"]), "epilogue": c["epilogue"]}
 
@@ -215,6 +322,7 @@ class LBIModule(nn.Module):
     # -- forward -------------------------------------------------------------------
     def _flatten(self, args, kwargs) -> list:
         if self._pytree_info is not None:
+            args, kwargs = self._bind(tuple(args), dict(kwargs))
             return pytree.arg_tree_leaves(*args, **kwargs)
         if kwargs:
             names = self._programs_spec.prologue.inputs
@@ -222,7 +330,68 @@ class LBIModule(nn.Module):
             return bound
         return list(args)
 
+    def _bind(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """An exported model's call, as the original forward took it, put in the order of
+        the capture's inputs (``in_spec``): keywords of captured parameters go to their
+        positions. A keyword the capture did not include would be silently dropped (or
+        shift the inputs), so it is refused by name, unless its value means "left out"."""
+        spec = self._pytree_info.in_spec
+        if spec is None:
+            return args, kwargs
+        n, keys = spec.child(0).num_children, list(spec.child(1).context or [])
+        sig = getattr(self, "_signature", None) or {}
+        none_at = set(sig.get("none_at", ()))
+        if not kwargs and len(args) == n and not none_at:
+            return args, kwargs
+        names = list(self._pytree_info.orig_args)[:n]
+        if len(args) > n:
+            raise InputError(f"{len(args)} positional inputs given, but the model was captured "
+                             f"with {n} ({', '.join(names)}): pass example_inputs with every "
+                             "input the calls use, and transform again")
+        given = {k: kwargs.pop(k) for k in list(kwargs) if k in keys}
+        bound, missing = list(args), []
+        for i in range(len(args), n):
+            bound.append(kwargs.pop(names[i], None))
+            if bound[i] is None and i not in none_at:
+                missing.append(names[i])
+        for i in sorted(none_at):
+            if i < n and bound[i] is not None:
+                raise InputError(
+                    f"{names[i]} was None in example_inputs, so the capture has no input for it "
+                    f"and would ignore the value given: pass a {names[i]} in example_inputs "
+                    "and transform again")
+        if missing:
+            raise InputError(f"{missing[0]} is missing: the model was captured with {missing[0]} "
+                             "in example_inputs, so every call passes it")
+        for key, value in kwargs.items():
+            if key in names:
+                raise InputError(f"{key}= given twice: by position and by keyword")
+            if any(value is v for v in sig.get("absent", {}).get(key, ())):
+                continue  # the default, as the capture ran
+            raise InputError(self._uncaptured(key, names, none_at))
+        return tuple(bound), given
+
+    def _uncaptured(self, key: str, names: list[str], none_at: set[int]) -> str:
+        """Why a keyword cannot reach the exported graph, and the example_inputs that would."""
+        sig = getattr(self, "_signature", None) or {}
+        params, absent = sig.get("params") or [], sig.get("absent", {})
+        took = ", ".join(n for i, n in enumerate(names) if i not in none_at) or "nothing"
+        text = (f"{key}= was not part of the capture: {sig.get('model', 'the model')} was "
+                f"exported with example_inputs for {took} only, so its graph has no input for "
+                f"{key} and would ignore it. ")
+        if key in params:
+            j = params.index(key)
+            before = [names[i] if i < len(names) and i not in none_at else
+                      ("None" if params[i] in absent else params[i]) for i in range(j)]
+            return text + (f"Pass it in example_inputs at its place in forward(): "
+                           f"example_inputs=({', '.join([*before, key])}), and transform again "
+                           "(transform takes example inputs by position only)")
+        return text + (f"forward has no positional parameter {key}, and transform takes example "
+                       "inputs by position only: wrap the model in a module whose forward takes "
+                       f"{key} by position")
+
     def forward(self, *args, **kwargs):
+        self._refresh()
         c = self._build()
         spec = self._programs_spec
         env = self.run_prologue(args, kwargs)
@@ -257,6 +426,7 @@ class LBIModule(nn.Module):
         """Run the prologue on the model's inputs; its outputs by node name (canvas, m_0,
         masks, ...)."""
         spec = self._programs_spec
+        self._refresh()
         pro = self._build()["prologue"](*self._flatten(tuple(args), kwargs or {}))
         return dict(zip(spec.prologue.outputs, pro))
 
@@ -294,8 +464,14 @@ class LBIModule(nn.Module):
             rng = RngSnapshot.take(m.device)
             t0 = time.perf_counter()
             self._where = k
+            # The region's graph ends at aliases of its parameters, not at the parameters:
+            # the chain's VJPs then never run the parameters' own hooks, which run once,
+            # when the chain hands its gradients to autograd (as under plain autograd).
+            # (Parameters, so code that lists ``self.parameters()`` in a block sees them.)
+            alias = {i: nn.Parameter(c["params"][i].detach()) for i in c["region_params"][k]}
+            run = _on_aliases(rgm, {name: alias[i] for name, i in c["region_param_names"][k]})
             with torch.set_grad_enabled(keep):
-                res = rgm(*args)
+                res = run(*args)
             if timings is not None:
                 timings.setdefault(f"forward_{k}", []).append(time.perf_counter() - t0)
             env.update(zip(prog.outputs, res))
@@ -306,8 +482,8 @@ class LBIModule(nn.Module):
                 m_in=m,
                 outs=[res[i] for i in picks],
                 static=[(s, env[n]) for s, n in zip(slots, names)],
-                params=[(i, c["params"][i]) for i in c["region_params"][k]],
-                replay=_replayer(rgm, args, m_slot, picks, rng),
+                params=[(i, alias[i]) for i in c["region_params"][k]],
+                replay=_replayer(run, args, m_slot, picks, rng),
                 kept=keep,
                 **self._head_rows(k, rng),
             )
@@ -408,8 +584,8 @@ class LBIModule(nn.Module):
 
     def explain(self) -> Explanation:
         """Per region: how the scan backward computes J_k (the strategy asked for, or the one
-        auto's probe picked with its timings), batched or per-row VJPs, and every fallback
-        a failure forced, with PyTorch's error; plus the scan backend, pool and interface
+        auto's probe picked with its timings and what it found unsupported), batched or
+        per-row VJPs, and every fallback a failure forced, with PyTorch's error; plus the scan backend, pool and interface
         widths. Choices are made at the first backward after transform, ``.to()`` or
         ``.train()``/``.eval()``. ``print(lbi.explain())`` for a readable listing."""
         choices, last = self.region_choices, self.num_regions - 1
@@ -419,7 +595,8 @@ class LBIModule(nn.Module):
             rows.append(RegionExplanation(
                 region=k, modules=list(self.regions[k]), width_in=self.ranks[max(k - 1, 0)],
                 width_out=None if k == last else self.ranks[k], jacobian=strategy, why=why,
-                vjps=vjps, fallbacks=dict(choices.fallbacks.get(k, {}))))
+                vjps=vjps, fallbacks=dict(choices.fallbacks.get(k, {})),
+                unsupported=dict(choices.unsupported.get(k, {}))))
         pool = getattr(self, "pool", "?")
         segs = getattr(self, "segments", None)
         header = (f"LBIModule: {self.num_regions} regions, interface widths {self.ranks} "
@@ -446,10 +623,20 @@ class LBIModule(nn.Module):
         report = separator_report(gm, self.regions, gm.meta[BATCH_KEY],
                                   rank=self.ranks if rank is None and interfaces is None else rank,
                                   interfaces=interfaces)
-        causal, leak, why = probe_causal(self, example_inputs)
+        if rank is None and interfaces is None:  # held to its own m_k: S rows of r each
+            segs = getattr(self, "segments", None)
+            report.segments = segs.count if segs is not None else 1
+        from lbi_fx.causality import graph_axes
+        from lbi_fx.passes.seq_axes import mark_seq_axes
+
+        mark_seq_axes(gm, example_inputs)  # which output axis is the sequence: the graph says
+        causal, leak, why = probe_causal(self, example_inputs, **graph_axes(gm))
+        leaks = leaky_interfaces(self)
+        # an interface that pools across positions leaks whatever a numeric probe sees
+        # (a tiny or untrained encoder can hide it below the probe's tolerance)
         report.causality = Causality(
-            model_causal=getattr(self, "model_causal", None), lbi_causal=causal, lbi_leak=leak,
-            leaks=leaky_interfaces(self), note=why)
+            model_causal=getattr(self, "model_causal", None),
+            lbi_causal=False if leaks else causal, lbi_leak=leak, leaks=leaks, note=why)
         return report
 
 
@@ -471,6 +658,23 @@ def adopt_state(dst: nn.Module, gm: fx.GraphModule) -> None:
 def _placement(module: nn.Module) -> frozenset:
     """The (dtype, device) pairs of a module's tensors: what ``.to()`` and friends change."""
     return frozenset((t.dtype, t.device) for t in (*module.parameters(), *module.buffers()))
+
+
+def _moved(fn, dtype: torch.dtype, device: torch.device) -> tuple[torch.dtype, torch.device]:
+    """Where ``fn`` (the function ``.to()`` and friends apply) sends a tensor of this kind."""
+    t = fn(torch.empty(0, dtype=dtype, device=device))
+    return t.dtype, t.device
+
+
+def _on_aliases(rgm: fx.GraphModule, tensors: dict):
+    """``rgm`` called with these tensors in place of its parameters (by name)."""
+    if not tensors:
+        return rgm
+
+    def run(*args):
+        return torch.func.functional_call(rgm, tensors, args, strict=False, tie_weights=False)
+
+    return run
 
 
 def _replayer(rgm, args: list, m_slot: int | None, picks: list[int], rng: RngSnapshot):

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.stateless import _reparametrize_module
 
 from lbi_fx.errors import InputError, RewriteError
 
@@ -415,6 +416,9 @@ def selective_scan_jvp(
     primals: Sequence[torch.Tensor | None],
     tangents: Sequence[torch.Tensor | None],
     *,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
     tile: int | None = None,
     delta_softplus: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -423,15 +427,25 @@ def selective_scan_jvp(
 
     primals: ``(u, delta, A, B, C[, D[, z[, delta_bias]]])`` in that order (None for an
     absent D, z or delta_bias); tangents: the same length, None for a zero tangent.
+    ``D``, ``z`` and ``delta_bias`` may be keywords instead, as for :func:`selective_scan`,
+    so one call's arguments serve both; their tangents are then zero, or given in an
+    8-long ``tangents`` at their place in the order above.
     This is the paper's use, e.g. dy/du for one input direction at genomic lengths.
     """
     primals, tangents = list(primals), list(tangents)
-    if not 5 <= len(primals) <= 8 or len(tangents) != len(primals):
+    if not 5 <= len(primals) <= 8 or len(tangents) not in (len(primals), 8):
         raise InputError(f"selective_scan_jvp: primals ({len(primals)}) and tangents "
                          f"({len(tangents)}) must be tuples of equal length 5..8 in the order "
-                         f"{', '.join(_PRIMAL_NAMES)}")
+                         f"{', '.join(_PRIMAL_NAMES)} (tangents may have all 8)")
     primals += [None] * (8 - len(primals))
     tangents += [None] * (8 - len(tangents))
+    for name, value in (("D", D), ("z", z), ("delta_bias", delta_bias)):
+        if value is not None:
+            i = _PRIMAL_NAMES.index(name)
+            if primals[i] is not None:
+                raise InputError(f"selective_scan_jvp: {name} given twice, in primals and as "
+                                 f"{name}=; pass one")
+            primals[i] = value
     _check_scan_inputs(*primals)
     for name, p, t in zip(_PRIMAL_NAMES, primals, tangents):
         if t is not None and (p is None or t.shape != p.shape):
@@ -530,13 +544,18 @@ class _TiledMixer(torch.autograd.Function):
             outs.append(out)
         ctx.save_for_backward(u, torch.stack(tails), torch.stack(states), *params)
         ctx.mixer, ctx.spans = mixer, _tiles(length, tile)
+        ctx.names = [n for n, _ in mixer.named_parameters()]  # the order of ``params``
         ctx.autocast = _autocast_state(u.device.type)
         return torch.cat(outs, 1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_out):
-        u, tails, states, *params = ctx.saved_tensors  # raises if a parameter was modified
+        u, tails, states, *saved = ctx.saved_tensors  # raises if a parameter was modified
+        # The reruns read fresh leaves in place of the parameters the forward was given
+        # (they may be a caller's aliases, e.g. lbi-fx's region parameters): gradients go
+        # to those inputs, and no parameter hook runs inside this backward.
+        params = [p.detach().requires_grad_(p.requires_grad) for p in saved]
         trainable = [i for i, p in enumerate(params) if p.requires_grad]
         g_params = [None] * len(params)
         g_u = torch.empty_like(u)
@@ -546,7 +565,8 @@ class _TiledMixer(torch.autograd.Function):
             u_i = u[:, s:e].detach().requires_grad_()
             tail = tails[i].detach().requires_grad_()
             h0 = states[i].detach().requires_grad_()
-            with torch.enable_grad(), torch.autocast(**ctx.autocast):
+            with torch.enable_grad(), torch.autocast(**ctx.autocast), \
+                    _reparametrize_module(ctx.mixer, dict(zip(ctx.names, params))):
                 out, next_tail, h = _mixer_tile(ctx.mixer, u_i, tail, h0)
             outs, cots = [out], [g_out[:, s:e]]
             if g_h is not None:

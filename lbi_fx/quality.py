@@ -17,51 +17,77 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 import lbi_fx
+from lbi_fx.report import describe_width
 from lbi_fx.testing import prefix_loss
 from lbi_fx.training import RunConfig
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One row: dense (``pool=None``) or an LBI model with ``segments`` rows of ``rank``."""
+    """One row: dense (``pool=None``, ``layers`` blocks: None = all), an LBI model with
+    ``segments`` rows of ``rank`` (``decoder_init`` as ``transform`` takes it), or
+    stage-partitioned learning on the same partition (``pool="spl"``: relay lambda 0)."""
 
     pool: str | None = None
     rank: int = 0
     segments: int = 1
+    layers: int | None = None
+    decoder_init: str = "default"
 
     @property
     def scalars(self) -> int:
         return self.rank * self.segments
 
     @property
+    def model(self) -> str:
+        return "dense" if self.pool is None else "spl" if self.pool == "spl" else "lbi"
+
+    @property
     def name(self) -> str:
         if self.pool is None:
-            return "dense"
-        if self.pool == "causal":
-            return f"causal S={self.segments} r={self.rank}"
-        return f"{self.pool} r={self.rank}"
+            return "dense" if self.layers is None else f"dense {self.layers} layers"
+        if self.pool == "spl":
+            return "spl (detach, shared head)"
+        zero = ", zero decoders" if self.decoder_init == "zero" else ""
+        return f"{self.pool} {describe_width(self.rank, self.segments)}{zero}"
 
 
-def variants(budgets: tuple[int, ...], seq: int) -> list[Variant]:
-    """Dense, then per budget b: mean and last with r = b, causal with r in {4, 16} and
-    S = b / r segments (S = 1 would carry nothing causal; S must divide the sequence)."""
+def variants(budgets: tuple[int, ...], seq: int, layers: int = 6, region_size: int = 2,
+             leaky: bool = True, designs: bool = True, spl: bool = True,
+             ranks: tuple[int, ...] = (4, 16)) -> list[Variant]:
+    """Dense at full depth, at the depth of one region and of K-1 regions (the honest
+    baselines: an LBI model that does not beat one region trained alone has thrown the
+    earlier regions away); then per budget b: mean and last with r = b (``leaky``),
+    causal with r in {4, 16} and S = b / r segments (S = 1 would carry nothing causal; S
+    must divide the sequence), each causal row also with zero-initialised decoders
+    (``designs``); then SPL on the same partition."""
     rows = [Variant()]
+    for depth in dict.fromkeys((region_size, layers - region_size)):
+        if 0 < depth < layers:
+            rows.append(Variant(layers=depth))
     for b in budgets:
-        rows += [Variant("mean", b), Variant("last", b)]
-        for r in (4, 16):
+        if leaky:
+            rows += [Variant("mean", b), Variant("last", b)]
+        for r in ranks:
             if b % r == 0 and 1 < b // r <= seq and seq % (b // r) == 0:
                 rows.append(Variant("causal", r, b // r))
+                if designs:
+                    rows.append(Variant("causal", r, b // r, decoder_init="zero"))
+    if spl:
+        rows.append(Variant("spl"))
     return rows
 
 
@@ -72,6 +98,18 @@ class Config(RunConfig):
     budgets: tuple[int, ...] = (16, 64)
     backward: str = "scan"  # LBI backward after the timed steps ("autograd": same gradients)
     timed_steps: int = 15   # the first steps always run the scan backward and are timed
+    seeds: int = 1          # each row trained from this many seeds (init and batch order)
+    leaky: bool = True      # the mean / last rows (they measure the leak)
+    designs: bool = True    # the zero-decoder rows
+    spl: bool = True        # the stage-partitioned learning row
+    ranks: tuple[int, ...] = (4, 16)  # per-row ranks of the causal rows
+
+    @staticmethod
+    def long() -> Config:
+        """Long enough that depth matters: at 6000 steps dense 6 beats dense 2 by ~0.07
+        nats/byte (issue #23's measurement), against ~0.02 run-to-run noise."""
+        return Config(steps=6000, eval_every=1000, seeds=2, budgets=(64,), leaky=False,
+                      backward="autograd")
 
     @staticmethod
     def quick() -> Config:
@@ -80,13 +118,22 @@ class Config(RunConfig):
 
 
 def build(cfg: Config, v: Variant, dense: torch.nn.Module, example: tuple):
-    """A copy of the dense model, rewritten as ``v`` asks (the same initial weights)."""
+    """A copy of the dense model, rewritten as ``v`` asks (the same initial weights; a
+    shallow dense row keeps the first ``v.layers`` blocks)."""
     model = copy.deepcopy(dense)
     if v.pool is None:
+        if v.layers is not None:
+            model.layers = torch.nn.ModuleList(list(model.layers)[: v.layers])
         return model
+    regions = lbi_fx.every(cfg.region_size, "layers")
+    if v.pool == "spl":
+        return lbi_fx.stage_partition(model, regions, example_inputs=example)
     kw = {"segment_len": cfg.seq // v.segments} if v.pool == "causal" else {}
-    return lbi_fx.transform(model, lbi_fx.every(cfg.region_size, "layers"), rank=v.rank,
-                            example_inputs=example, pool=v.pool, **kw)
+    with warnings.catch_warnings():
+        if v.pool in ("mean", "last"):  # leaky on purpose: these rows measure the leak
+            warnings.simplefilter("ignore", lbi_fx.CausalityWarning)
+        return lbi_fx.transform(model, regions, rank=v.rank, example_inputs=example, pool=v.pool,
+                                decoder_init=v.decoder_init, **kw)
 
 
 @torch.no_grad()
@@ -102,6 +149,13 @@ def evaluate(model, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[f
     return statistics.fmean(one), statistics.fmean(free)
 
 
+def train_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The LM loss; for a stage-partitioned model the sum of its stage losses (Eq. 5)."""
+    if hasattr(model, "stage_loss"):
+        return model.stage_loss(x, lambda z: F.cross_entropy(z.flatten(0, 1), y.flatten()))[0]
+    return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+
 def train(cfg: Config, v: Variant, model, corpus, val, progress: bool = True) -> dict:
     """AdamW on the shared batch sequence; evaluation and interface spectra logged."""
     from tqdm.auto import tqdm
@@ -111,7 +165,7 @@ def train(cfg: Config, v: Variant, model, corpus, val, progress: bool = True) ->
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     curve, times = [], []
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"{v.name:>14}", disable=not progress,
+    bar = tqdm(range(1, cfg.steps + 1), desc=f"{v.name[:40]:>40}", disable=not progress,
                leave=False, file=sys.stderr)
     model.train()
     for step in bar:
@@ -119,13 +173,14 @@ def train(cfg: Config, v: Variant, model, corpus, val, progress: bool = True) ->
             model.backward = "scan" if step <= cfg.timed_steps else cfg.backward
         x, y = corpus.get_batch("train", cfg.batch, cfg.seq, gen)
         t0 = time.perf_counter()
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss = train_loss(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step <= cfg.timed_steps:
             times.append(time.perf_counter() - t0)
+        loss = loss.detach()  # a number from here on: no requires_grad scalar conversion
         if not math.isfinite(float(loss)):
             raise lbi_fx.LBIError(f"{v.name}: non-finite training loss at step {step}")
         if step % cfg.eval_every == 0 or step == cfg.steps:
@@ -144,56 +199,89 @@ def train(cfg: Config, v: Variant, model, corpus, val, progress: bool = True) ->
 
 
 def run_table(cfg: Config, progress: bool = True) -> tuple[list[dict], dict]:
-    """Train every variant; return the table rows and the curves by variant name."""
+    """Train every variant from every seed; return the table rows (seed means, spread,
+    depth recovery) and the curves of seed 0 by variant name."""
     from lbi_fx.data import load_corpus
     from lbi_fx.models.transformer import GPT, GPTConfig
 
     corpus = load_corpus(max_bytes=cfg.corpus_bytes)
-    gval = torch.Generator().manual_seed(cfg.seed + 1)
+    gval = torch.Generator().manual_seed(1)  # the same held-out batches for every seed
     val = [corpus.get_batch("val", cfg.batch, cfg.seq, gval) for _ in range(cfg.eval_batches)]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        dense = GPT(GPTConfig(block_size=cfg.seq, n_layer=cfg.layers, n_head=cfg.heads,
-                              n_embd=cfg.width))
     example = (torch.randint(0, 256, (2, cfg.seq), generator=torch.Generator().manual_seed(0)),)
-    rows, curves = [], {}
-    base_step = None
-    for v in variants(cfg.budgets, cfg.seq):
-        model = build(cfg, v, dense, example)
-        res = train(cfg, v, model, corpus, val, progress)
-        base_step = res["step_s"] if v.pool is None else base_step
-        last = res["curve"][-1]
+    table = variants(cfg.budgets, cfg.seq, cfg.layers, cfg.region_size, cfg.leaky,
+                     cfg.designs, cfg.spl, cfg.ranks)
+    runs: dict[Variant, list[dict]] = {v: [] for v in table}
+    curves = {}
+    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+        run_cfg = dataclasses.replace(cfg, seed=seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            dense = GPT(GPTConfig(block_size=cfg.seq, n_layer=cfg.layers, n_head=cfg.heads,
+                                  n_embd=cfg.width))
+        for v in table:
+            res = train(run_cfg, v, build(run_cfg, v, dense, example), corpus, val, progress)
+            runs[v].append(res)
+            if seed == cfg.seed:
+                curves[v.name] = res["curve"]
+            if progress:
+                last = res["curve"][-1]
+                print(f"seed {seed} {v.name:>40}: CE {last['ce']:.3f}, leak-free "
+                      f"{last['ce_leak_free']:.3f}", file=sys.stderr)
+    base_step = statistics.median(r["step_s"] for r in runs[table[0]])
+    rows = []
+    for v in table:
+        finals = [r["curve"][-1] for r in runs[v]]
+        free = [f["ce_leak_free"] for f in finals]
+        step_s = statistics.median(r["step_s"] for r in runs[v])
         rows.append({
-            "model": "dense" if v.pool is None else "lbi",
-            "pool": v.pool, "rank": v.rank or None, "segments": v.segments if v.pool else None,
-            "scalars": v.scalars or None,
-            "ce": round(last["ce"], 4), "ce_leak_free": round(last["ce_leak_free"], 4),
-            "bpb_leak_free": round(last["ce_leak_free"] / math.log(2), 4),
-            "steps": cfg.steps, "step_ratio": round(res["step_s"] / base_step, 2),
-            "step_ms": round(1e3 * res["step_s"], 1),
+            "model": v.model, "name": v.name, "layers": v.layers or cfg.layers,
+            "pool": v.pool if v.model == "lbi" else None, "rank": v.rank or None,
+            "segments": v.segments if v.model == "lbi" else None, "scalars": v.scalars or None,
+            "decoder_init": v.decoder_init if v.model == "lbi" else None,
+            "ce": round(statistics.fmean(f["ce"] for f in finals), 4),
+            "ce_leak_free": round(statistics.fmean(free), 4),
+            "ce_leak_free_seeds": [round(x, 4) for x in free],
+            "spread": round((max(free) - min(free)) / 2, 4),
+            "bpb_leak_free": round(statistics.fmean(free) / math.log(2), 4),
+            "steps": cfg.steps, "seeds": cfg.seeds, "step_ratio": round(step_s / base_step, 2),
+            "step_ms": round(1e3 * step_s, 1),
         })
-        curves[v.name] = res["curve"]
-        if progress:
-            r = rows[-1]
-            print(f"{v.name:>14}: CE {r['ce']:.3f}, leak-free {r['ce_leak_free']:.3f}, "
-                  f"step {r['step_ratio']:.2f}x dense", file=sys.stderr)
     dense_free = rows[0]["ce_leak_free"]
+    shallow = next((r for r, v in zip(rows, table) if v.layers == cfg.region_size), None)
     for r in rows:
         r["leak"] = round(r["ce_leak_free"] - r["ce"], 4)
         r["gap_leak_free"] = round(r["ce_leak_free"] - dense_free, 4)
+        r["depth_recovery"] = depth_recovery(r, rows[0], shallow)
     return rows, curves
 
 
+def depth_recovery(row: dict, deep: dict, shallow: dict | None) -> float | None:
+    """(CE(dense at one region's depth) - CE(row)) / (CE(dense one region) - CE(dense)),
+    leak-free: 1 keeps all that depth buys, 0 is no better than one region alone. None
+    without a shallow row or where dense depth buys nothing (the ratio means nothing)."""
+    if shallow is None:
+        return None
+    margin = shallow["ce_leak_free"] - deep["ce_leak_free"]
+    if margin <= 0:
+        return None
+    return round((shallow["ce_leak_free"] - row["ce_leak_free"]) / margin, 3)
+
+
 def format_table(rows: list[dict]) -> str:
-    head = ("| model | pool | rank x segments | scalars | CE one forward | CE leak-free | leak | "
-            "gap to dense (leak-free) | bpb leak-free | steps | step / dense |")
+    head = ("| model | layers | interface | scalars | CE one forward | CE leak-free (± seeds) | "
+            "leak | gap to dense | depth recovery | steps x seeds | step / dense |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
-        shape = "-" if r["pool"] is None else f"{r['rank']} x {r['segments']}"
+        iface = "-" if r["model"] != "lbi" else (
+            f"{r['pool']} {r['rank']} x {r['segments']}"
+            + (", zero decoders" if r.get("decoder_init") == "zero" else ""))
+        model = {"dense": "dense", "lbi": "LBI", "spl": "SPL (detach)"}[r["model"]]
+        rec = "-" if r.get("depth_recovery") is None else f"{r['depth_recovery']:+.2f}"
         lines.append(
-            f"| {r['model']} | {r['pool'] or '-'} | {shape} | {r['scalars'] or '-'} | {r['ce']:.3f} | "
-            f"{r['ce_leak_free']:.3f} | {r['leak']:+.3f} | {r['gap_leak_free']:+.3f} | "
-            f"{r['bpb_leak_free']:.3f} | {r['steps']} | {r['step_ratio']:.2f}x |")
+            f"| {model} | {r['layers']} | {iface} | {r['scalars'] or '-'} | {r['ce']:.3f} | "
+            f"{r['ce_leak_free']:.3f} ± {r['spread']:.3f} | {r['leak']:+.3f} | "
+            f"{r['gap_leak_free']:+.3f} | {rec} | {r['steps']} x {r['seeds']} | "
+            f"{r['step_ratio']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -230,13 +318,24 @@ def plot(curves: dict, path: str) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 4 layers, width 32, 30 steps, budget 16 only")
+    p.add_argument("--long", action="store_true",
+                   help="where depth matters: 6000 steps, 2 seeds, budget 64, causal rows only "
+                        "(dense 6 beats dense 2 by ~0.07 there); about an hour per seed on "
+                        "one CPU thread")
+    p.add_argument("--seeds", type=int, help="seeds per row (default 1; --long 2)")
+    p.add_argument("--seed", type=int, help="first seed (default 0): runs seeds seed .. seed+seeds-1")
+    p.add_argument("--ranks", help="per-row ranks of the causal rows, comma-separated (default 4,16)")
+    p.add_argument("--no-leaky", action="store_true", help="leave out the mean / last rows")
+    p.add_argument("--no-designs", action="store_true", help="leave out the zero-decoder rows")
+    p.add_argument("--no-spl", action="store_true", help="leave out the SPL row")
+    p.add_argument("--eval-every", type=int, help="steps between held-out evaluations")
     p.add_argument("--steps", type=int, help="training steps per model (default 600)")
     p.add_argument("--budgets", help="scalar budgets per sample, comma-separated (default 16,64)")
-    p.add_argument("--layers", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--seq", type=int)
-    p.add_argument("--batch", type=int)
-    p.add_argument("--backward", choices=["scan", "autograd"], default="scan",
+    p.add_argument("--layers", type=int, help="GPT blocks (default 6; --quick 4)")
+    p.add_argument("--width", type=int, help="model width (default 64; --quick 32)")
+    p.add_argument("--seq", type=int, help="bytes per training sequence (default 64; --quick 32)")
+    p.add_argument("--batch", type=int, help="sequences per batch (default 16; --quick 8)")
+    p.add_argument("--backward", choices=["scan", "autograd"], default=None,
                    help="LBI backward after the first --timed-steps (always scan, timed): "
                         "'autograd' trains faster with the same gradients (to rounding)")
     p.add_argument("--timed-steps", type=int, default=15,
@@ -247,17 +346,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = Config.quick() if args.quick else Config()
-    for key in ("steps", "layers", "width", "seq", "batch"):
+    if args.quick and args.long:
+        raise lbi_fx.InputError("--quick and --long: choose one")
+    cfg = Config.quick() if args.quick else Config.long() if args.long else Config()
+    for key in ("steps", "layers", "width", "seq", "batch", "seeds", "eval_every"):
         if getattr(args, key) is not None:
+            if getattr(args, key) < 1:
+                raise lbi_fx.InputError(f"--{key.replace('_', '-')} {getattr(args, key)}: "
+                                        "a positive integer")
             setattr(cfg, key, getattr(args, key))
-    if args.budgets:
-        try:
-            cfg.budgets = tuple(int(b) for b in args.budgets.split(","))
-        except ValueError:
-            raise lbi_fx.InputError(f"--budgets {args.budgets!r}: comma-separated ints") from None
+    cfg.leaky = cfg.leaky and not args.no_leaky
+    cfg.designs = cfg.designs and not args.no_designs
+    cfg.spl = cfg.spl and not args.no_spl
+    if args.seed is not None:
+        cfg.seed = args.seed
+    for key in ("budgets", "ranks"):
+        text = getattr(args, key)
+        if text:
+            try:
+                setattr(cfg, key, tuple(int(b) for b in text.split(",")))
+            except ValueError:
+                raise lbi_fx.InputError(f"--{key} {text!r}: comma-separated ints") from None
     cfg.eval_every = min(cfg.eval_every, cfg.steps)
-    cfg.backward, cfg.timed_steps = args.backward, max(1, min(args.timed_steps, cfg.steps))
+    cfg.backward = args.backward or cfg.backward
+    cfg.timed_steps = max(1, min(args.timed_steps, cfg.steps))
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -271,15 +383,25 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         print(f"lbi-fx quality: GPT {cfg.layers} layers, width {cfg.width}, regions of "
-              f"{cfg.region_size}, batch {cfg.batch} x {cfg.seq} bytes, {cfg.steps} steps "
-              f"(LBI backward: scan for {cfg.timed_steps} timed steps, then {cfg.backward}), "
+              f"{cfg.region_size}, batch {cfg.batch} x {cfg.seq} bytes, {cfg.steps} steps x "
+              f"{cfg.seeds} seed(s) "
+              f"({_backward_text(cfg)}), "
               f"{len(rows)} models in {time.perf_counter() - t0:.0f}s")
         print(format_table(rows))
     return 0
 
 
+def _backward_text(cfg: Config) -> str:
+    """How the LBI rows were trained, for the header: which steps ran which backward."""
+    if cfg.backward == "scan" or cfg.timed_steps >= cfg.steps:
+        return f"LBI backward: scan, the first {cfg.timed_steps} steps timed"
+    return (f"LBI backward: scan for the first {cfg.timed_steps} steps (timed), then "
+            f"{cfg.backward} (same gradients) for the other {cfg.steps - cfg.timed_steps}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lbi-fx quality", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="lbi-fx quality",
+                                description=__doc__.splitlines()[0].replace("``", ""))
     add_arguments(p)
     return run(p.parse_args(argv))
 

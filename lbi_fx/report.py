@@ -3,7 +3,24 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+
+
+def _one_or_list(values: Sequence[int]) -> str:
+    return str(values[0]) if len(set(values)) == 1 else "[" + ", ".join(map(str, values)) + "]"
+
+
+def describe_width(rank: int | Sequence[int], segments: int = 1) -> str:
+    """An interface width said one way everywhere: 'rank 8 x 4 segments = 32 scalars'.
+
+    ``rank`` is per row (one int, or one per boundary), ``segments`` the rows each m_k
+    carries (causal segments; 1 for the one-row pools), the product the scalars per sample
+    that cross the boundary (the side of J_k)."""
+    ranks = [rank] if isinstance(rank, int) else list(rank)
+    seg = f"{segments} segment" + ("" if segments == 1 else "s")
+    return (f"rank {_one_or_list(ranks)} x {seg} = "
+            f"{_one_or_list([r * segments for r in ranks])} scalars")
 
 
 @dataclass(frozen=True)
@@ -50,6 +67,7 @@ class SeparatorReport:
     notes: list[str] = field(default_factory=list)
     graph: dict | None = field(default=None, repr=False)
     causality: object | None = None  # lbi_fx.causality.Causality, filled by verify
+    segments: int | None = None  # rows per interface of a rewritten model (rank = S x r)
 
     @property
     def ok(self) -> bool:
@@ -78,12 +96,18 @@ class SeparatorReport:
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
+    def budget_text(self) -> str:
+        """What each boundary was held to, in the words :func:`describe_width` uses."""
+        if self.rank is None:
+            return ("interfaces " + "; ".join(",".join(i) for i in self.interfaces)
+                    if self.interfaces is not None else "no budget (min cuts only)")
+        if self.segments:  # a rewritten model: its interfaces, S rows of r
+            return describe_width([w // self.segments for w in self.rank], self.segments)
+        return f"a budget of {_one_or_list(self.rank)} scalars"
+
     def __str__(self) -> str:
-        mode = (
-            f"rank <= {self.rank}" if self.rank is not None
-            else "interfaces " + "; ".join(",".join(i) for i in self.interfaces)
-            if self.interfaces is not None else "min cut only"
-        )
+        mode = self.budget_text()
+        budgetless = self.rank is None and self.interfaces is None
         head = (
             f"lbi-fx separator report: {self.num_regions} regions, batch {self.batch_size}, "
             f"{mode}, captured by {self.capture or '?'}"
@@ -95,7 +119,8 @@ class SeparatorReport:
                 crossing += f", +{len(b.crossing) - 3}"
             rows.append((
                 str(b.index), crossing or "-", str(b.crossing_scalars), str(b.min_cut_scalars),
-                "-" if b.limit is None else str(b.limit), "ok" if b.ok else "FAIL",
+                "-" if b.limit is None else str(b.limit),
+                "-" if budgetless else "ok" if b.ok else "FAIL",
             ))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [head, ""]
@@ -110,8 +135,13 @@ class SeparatorReport:
         lines.extend(f"note: {n}" for n in self.notes)
         if self.causality is not None:
             lines.append(str(self.causality))
-        lines.append("OK: every boundary holds" if self.ok else
-                     f"FAIL: boundaries {', '.join(str(b.index) for b in self.failing())} do not hold")
+        if budgetless:
+            lines.append("no budget given (rank= or interfaces=): min cuts only, no boundary "
+                         "checked")
+        else:
+            lines.append("OK: every boundary holds" if self.ok else
+                         f"FAIL: boundaries {', '.join(str(b.index) for b in self.failing())} "
+                         "do not hold")
         return "\n".join(lines)
 
     def to_dot(self) -> str:

@@ -82,7 +82,7 @@ class RegionCache:
     m_in: torch.Tensor                      # leaf (B, r_k)
     outs: list[torch.Tensor]                # m_{k+1} (k < K-1) or the last region's outputs
     static: list[tuple[int, torch.Tensor]]  # (index into chain statics, leaf)
-    params: list[tuple[int, torch.Tensor]]  # (index into chain params, parameter)
+    params: list[tuple[int, torch.Tensor]]  # (index into chain params, the region's alias of it)
     replay: Callable[[torch.Tensor], list[torch.Tensor]] | None = None  # rerun from m_k
     kept: bool = True                       # ``outs`` carry the forward graph
     # Leading rows of m_{k+1} that depend on m_k alone, not on the region (a causal
@@ -231,6 +231,17 @@ _JACOBIANS = {"reuse": _jac_reuse, "forward": _jac_forward, "recompute": _jac_re
 
 
 def _probe(state: ChainState, k: int) -> tuple[str, torch.Tensor]:
+    """``auto``'s probe of region k. What fails while it runs is a finding (a strategy
+    unsupported here, e.g. forward mode through CPU flash attention), not a fallback:
+    ``explain()`` lists it, no ``FallbackWarning`` is raised."""
+    state.choices.probing = True
+    try:
+        return _probe_all(state, k)
+    finally:
+        state.choices.probing = False
+
+
+def _probe_all(state: ChainState, k: int) -> tuple[str, torch.Tensor]:
     """``auto``: time forward mode, batched VJPs and one VJP per row; keep the fastest
     that works (on CPU, batching r small VJPs often gains nothing). Each is timed on its
     faster of two calls: the first call of a strategy in a process pays one-off set-up
@@ -253,7 +264,7 @@ def _probe(state: ChainState, k: int) -> tuple[str, torch.Tensor]:
                     t0 = time.perf_counter()
                     jac = _JACOBIANS[name](state, k)
                     dt = min(dt, time.perf_counter() - t0)
-        except _AD_ERRORS as exc:  # muted above, reported once by region_jacobian
+        except _AD_ERRORS as exc:  # muted above, listed by explain()
             timings[label] = "failed"
             state.choices.fell_back(k, label, exc)
             continue

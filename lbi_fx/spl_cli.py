@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import lbi_fx
+from lbi_fx.report import describe_width
 from lbi_fx.spl import SCORERS, SPLModule, bits_per_byte, stage_nats, stage_partition
 from lbi_fx.training import RunConfig
 
@@ -347,13 +348,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_table(rows))
         print(f"\n{cfg.steps} steps per row, batch {cfg.batch} x {cfg.seq} bytes, width "
-              f"{cfg.width}, {cfg.heads} heads, LBI rank {cfg.rank} x {cfg.segments} causal "
-              f"segments; {meta['date']}, {meta['seconds']} s on {meta['threads']} thread(s)")
+              f"{cfg.width}, {cfg.heads} heads, LBI interfaces of "
+              f"{describe_width(cfg.rank, cfg.segments)}; {meta['date']}, {meta['seconds']} s "
+              f"on {meta['threads']} thread(s)")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lbi-fx spl", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="lbi-fx spl",
+                                description=__doc__.splitlines()[0].replace("``", ""))
     add_arguments(p)
     return run(p.parse_args(argv))
 

@@ -20,8 +20,15 @@ from torch import nn
 
 from lbi_fx.errors import InputError, TraceError
 
-MODULE_KEY = "lbi_module"
-CAPTURE_KEY = "lbi_capture"
+from .follow_mode import ModeMismatch, fixed_mode_ops, follow_mode
+from .meta_keys import CAPTURE_KEY, MODE_KEY, MODE_PROBLEM_KEY, MODULE_KEY
+
+SIGNATURE_KEY = "lbi_signature"  # graph meta: the exported forward's parameters (see record_signature)
+
+
+class CaptureWarning(UserWarning):
+    """How lbi-fx captured a model differs from how it was asked or configured (symbolic
+    tracing fell back to torch.export; a Hugging Face KV cache turned off)."""
 
 
 class LBITracer(fx.Tracer):
@@ -77,6 +84,8 @@ def annotate_module_paths(gm: fx.GraphModule) -> None:
     ``get_attr`` belongs to the module that owns the attribute.
     """
     for node in gm.graph.nodes:
+        if MODE_KEY in node.meta:
+            continue  # a mode switch keeps the path of the op it wraps
         if node.op == "call_module":
             path = str(node.target)
             stack = [v[0] for v in (node.meta.get("nn_module_stack") or {}).values()]
@@ -136,7 +145,60 @@ def export_capture(model: nn.Module, example_inputs: Sequence[object],
             "Pass leaf_modules=[...] for untraceable blocks, or simplify the data-dependent "
             "control flow."
         ) from exc
-    return ep.module()
+    gm = vmappable_sizes(ep.module())
+    record_signature(gm, model, example_inputs)
+    return gm
+
+
+def record_signature(gm: fx.GraphModule, model: nn.Module, example_inputs: Sequence[object]
+                     ) -> None:
+    """Keep what ``LBIModule`` needs to take the original call signature: forward's
+    positional parameters, the values that mean "left out" for each (its default None;
+    ``use_cache`` False too, which is how a Hugging Face model is captured), and which
+    captured positions held None (constants of the export, not inputs)."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    absent: dict[str, tuple] = {p.name: (None,) for p in params if p.default is None}
+    if is_hf_pretrained(model) and "use_cache" in absent:
+        absent["use_cache"] = (None, False)
+    gm.meta[SIGNATURE_KEY] = {
+        "model": type(model).__name__,
+        "params": [p.name for p in params if p.kind in kinds],
+        "absent": absent,
+        "none_at": [i for i, x in enumerate(example_inputs) if x is None],
+    }
+
+
+# export's explicit size reads, as tensor methods: ``aten.sym_size.int`` and friends have no
+# vmap batching rule, so ``jacobian="recompute"`` (regions rerun under vmap) would fail on
+# an exported graph where the model's own code (``x.shape[0]``) vmaps fine
+_SIZE_OPS = {"sym_size.int": "size", "sym_numel.default": "numel",
+             "sym_stride.int": "stride", "sym_storage_offset.default": "storage_offset"}
+
+
+def vmappable_sizes(gm: fx.GraphModule) -> fx.GraphModule:
+    """Replace ``aten.sym_size.int(x, d)`` (and numel, stride) with ``x.size(d)``: the same
+    value in eager mode, and under ``vmap`` the per-sample size the model's code meant."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+        method = _SIZE_OPS.get(name) if str(node.target).startswith("aten.sym_") else None
+        if method is None:
+            continue
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_method(method, node.args, node.kwargs)
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.recompile()
+    return gm
 
 
 def is_hf_pretrained(model: nn.Module) -> bool:
@@ -159,20 +221,49 @@ def _cache_off(model: nn.Module):
             config.use_cache = saved
 
 
-def hf_capture(model: nn.Module, example_inputs: Sequence[object] | None) -> fx.GraphModule:
+def uses_kv_cache(model: nn.Module, example_inputs: Sequence[object]) -> bool:
+    """Would ``model`` keep a KV cache (or SSM state cache) as configured? ``use_cache`` on
+    says little alone: BERT's config has it on and never caches. A model that can generate
+    is run once in eval mode (no grad, RNG untouched), and a cache in its output decides."""
+    if not getattr(getattr(model, "config", None), "use_cache", False):
+        return False
+    can_generate = getattr(model, "can_generate", None)
+    if callable(can_generate) and not can_generate():
+        return False
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = model(*example_inputs)
+    except Exception:  # noqa: BLE001 - cannot tell: say so rather than stay silent
+        return True
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return any(getattr(out, key, None) is not None for key in ("past_key_values", "cache_params"))
+
+
+def hf_capture(model: nn.Module, example_inputs: Sequence[object] | None,
+               announce: bool = True) -> fx.GraphModule:
     """Capture a Hugging Face model as it comes: torch.export with the KV cache off.
 
     HF forwards do not symbolically trace, and with ``use_cache`` on they return a
     ``DynamicCache`` that export cannot flatten; an LBI model recomputes whole sequences
     anyway, so the cache has no use there. The output type (``CausalLMOutput...``) stays.
+    A model that really caches is told so with one ``CaptureWarning`` (``announce``).
     """
     name = type(model).__name__
     if example_inputs is None:
         raise TraceError(f"{name} is a Hugging Face model, which lbi-fx captures with "
                          "torch.export: pass example_inputs=(input_ids,)")
-    if getattr(getattr(model, "config", None), "use_cache", False):
-        warnings.warn(f"lbi-fx: {name} is a Hugging Face model: capturing it with torch.export "
-                      "and use_cache=False (an LBI model has no KV cache)", stacklevel=5)
+    if announce and uses_kv_cache(model, example_inputs):
+        from lbi_fx.choices import _caller_level
+
+        warnings.warn(f"lbi-fx: {name} keeps a KV cache (config.use_cache=True): capturing it "
+                      "with torch.export and use_cache=False, since an LBI model recomputes "
+                      "whole sequences (filter lbi_fx.CaptureWarning to silence this)",
+                      CaptureWarning, stacklevel=_caller_level())
     with _cache_off(model):
         return export_capture(model, example_inputs)
 
@@ -189,40 +280,16 @@ def capture(
     ``"graph_module"``, ``"export"`` or ``"symbolic_trace"``.
     """
     if isinstance(model, torch.export.ExportedProgram):
-        gm, how = model.module(), "export"
+        gm, how = vmappable_sizes(model.module()), "export"
     elif isinstance(model, fx.GraphModule):
         gm, how = model, ("export" if _is_export_module(model) else "graph_module")
-    elif isinstance(model, nn.Module) and is_hf_pretrained(model):
-        gm, how = hf_capture(model, example_inputs), "export"
+        if how == "export":
+            vmappable_sizes(gm)
     elif isinstance(model, nn.Module):
         leaf_modules = list(leaf_modules)
         _check_leaf_paths(model, leaf_modules)
-        tracer = LBITracer(leaf_modules)
-        before = {k: b.detach().clone() for k, b in model.named_buffers()}
-        try:
-            graph = tracer.trace(model)
-            _check_buffers_untouched(model, before)
-            gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-            how = "symbolic_trace"
-        except TraceError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any tracing failure triggers the fallback
-            where = _trace_failure_site(exc)
-            if example_inputs is None:
-                raise TraceError(
-                    f"symbolic tracing of {type(model).__name__} failed{where}: "
-                    f"{type(exc).__name__}: {exc}. Pass example_inputs= so lbi-fx can "
-                    "capture with torch.export instead, or mark the block with "
-                    "leaf_modules=[...]."
-                ) from exc
-            warnings.warn(
-                f"lbi-fx: symbolic tracing of {type(model).__name__} failed{where} "
-                f"({type(exc).__name__}: {exc}); capturing with torch.export instead "
-                "(batch and sequence sizes dynamic).",
-                stacklevel=3,
-            )
-            gm, how = export_capture(model, example_inputs, f"symbolic tracing failed{where}: "
-                                     f"{type(exc).__name__}: {exc}"), "export"
+        gm, how = capture_following_mode(model, example_inputs, leaf_modules)
+        return gm
     else:
         raise InputError(
             f"model must be an nn.Module, fx.GraphModule or torch.export program, "
@@ -230,7 +297,111 @@ def capture(
         )
     annotate_module_paths(gm)
     gm.meta[CAPTURE_KEY] = how
+    gm.meta[MODE_PROBLEM_KEY] = fixed_mode_ops(gm)
     return gm
+
+
+def _capture_module(model: nn.Module, example_inputs: Sequence[object] | None,
+                    leaf_modules: list, route: str | None = None,
+                    announce: bool = True) -> tuple[fx.GraphModule, str]:
+    """One capture of ``model`` as its modules' modes are now: symbolic tracing, falling
+    back to torch.export (``route="export"`` skips the trace). ``announce``: warn about
+    what the capture changed (the first of ``capture_following_mode``'s captures does)."""
+    if is_hf_pretrained(model):
+        return hf_capture(model, example_inputs, announce), "export"
+    if route == "export":
+        return export_capture(model, example_inputs), "export"
+    from lbi_fx.choices import _caller_level
+
+    tracer = LBITracer(leaf_modules)
+    before = {k: b.detach().clone() for k, b in model.named_buffers()}
+    try:
+        graph = tracer.trace(model)
+        _check_buffers_untouched(model, before)
+        return fx.GraphModule(tracer.root, graph, type(model).__name__), "symbolic_trace"
+    except TraceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any tracing failure triggers the fallback
+        where = _trace_failure_site(exc)
+        if example_inputs is None:
+            raise TraceError(
+                f"symbolic tracing of {type(model).__name__} failed{where}: "
+                f"{type(exc).__name__}: {exc}. Pass example_inputs= so lbi-fx can "
+                "capture with torch.export instead, or mark the block with "
+                "leaf_modules=[...]."
+            ) from exc
+        warnings.warn(
+            f"lbi-fx: symbolic tracing of {type(model).__name__} failed{where} "
+            f"({type(exc).__name__}: {exc}); capturing with torch.export instead "
+            "(batch and sequence sizes dynamic).", CaptureWarning,
+            stacklevel=_caller_level(),
+        )
+        return export_capture(model, example_inputs, f"symbolic tracing failed{where}: "
+                              f"{type(exc).__name__}: {exc}"), "export"
+
+
+def capture_following_mode(model: nn.Module, example_inputs: Sequence[object] | None,
+                           leaf_modules: list) -> tuple[fx.GraphModule, str]:
+    """Capture ``model`` with every module in training mode and again in eval mode, and
+    let ``follow_mode`` turn the constants that differ into switches that read the
+    owning module's mode at run time. The captured modules then carry the model's own
+    modes. Where the two captures differ in structure, the model is captured as its
+    modes are now and ``meta[MODE_PROBLEM_KEY]`` says why its mode cannot change."""
+    flags = [(m, m.training) for m in model.modules()]
+
+    def restore() -> None:
+        for m, mode in flags:
+            m.training = mode
+
+    def quiet(route: str | None) -> tuple[fx.GraphModule, str]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _capture_module(model, example_inputs, leaf_modules, route=route,
+                                   announce=False)
+
+    problem, other = None, None
+    try:
+        # capture as the user left the modes first: its failure is the one to report
+        gm, how = _capture_module(model, example_inputs, leaf_modules)
+        if not any(mode for _, mode in flags):
+            other = gm  # already the eval-mode capture
+        if not all(mode for _, mode in flags):
+            model.train()
+            try:
+                gm, _ = quiet(how)
+            except TraceError as exc:
+                problem = ModeMismatch("", "", f"capturing the model in training mode failed: {exc}")
+        if problem is None and other is None:
+            model.eval()
+            try:
+                other, _ = quiet(how)
+            except TraceError as exc:
+                problem = ModeMismatch("", "", f"capturing the model in eval mode failed: {exc}")
+        if problem is None:
+            annotate_module_paths(gm)
+            problem = follow_mode(gm, other)
+        if problem is not None and not all(mode for _, mode in flags):
+            # gm must be the capture of the modes as they are (follow_mode left it as is)
+            restore()
+            gm = other if not any(mode for _, mode in flags) and other is not None else quiet(how)[0]
+    finally:
+        restore()
+    annotate_module_paths(gm)
+    gm.meta[CAPTURE_KEY] = how
+    gm.meta[MODE_PROBLEM_KEY] = problem
+    copy_modes(gm, model)
+    return gm, how
+
+
+def copy_modes(gm: nn.Module, model: nn.Module) -> None:
+    """Give each module of the capture the mode of the model's module at its path; the
+    containers a capture creates for paths (and mode switches) take their parent's."""
+    own = dict(model.named_modules())
+    modes = {"": model.training}
+    for name, m in gm.named_modules():
+        src = own.get(name)
+        m.training = src.training if src is not None else modes[name.rpartition(".")[0]]
+        modes[name] = m.training
 
 
 def _check_buffers_untouched(model: nn.Module, before: dict) -> None:

@@ -14,6 +14,7 @@ from torch import nn
 
 from lbi_fx.errors import BatchMixingError
 
+from .follow_mode import effective_call
 from .mark_dynamic import is_dynamic
 from .partition import module_of, place_of
 from .shape_prop import output_tensor, tensors_of
@@ -47,8 +48,11 @@ def check_batch_mixing(gm: fx.GraphModule, num_regions: int, batch: int) -> None
                     f"{where} is a BatchNorm in training mode: it mixes samples, so the "
                     "interface is not per sample. Use LayerNorm/GroupNorm, or call .eval() on "
                     "the BatchNorm (frozen statistics) before transforming")
-        if node.op == "call_function" and (node.target in _BN_FUNCS or "batch_norm" in _op_name(node)):
-            training = node.kwargs.get("training", node.args[5] if len(node.args) > 5 else True)
+        fn, args, kwargs = effective_call(gm, node)  # a mode switch: its op, as now
+        is_call = node.op == "call_function" or fn is not node.target
+        name = fn if isinstance(fn, str) else getattr(fn, "__name__", str(fn))
+        if is_call and (fn in _BN_FUNCS or "batch_norm" in name):
+            training = kwargs.get("training", args[5] if len(args) > 5 else True)
             if training:
                 raise BatchMixingError(
                     f"{where} runs batch_norm with training statistics: it mixes samples. Use "

@@ -18,10 +18,12 @@ from torch import nn
 
 from lbi_fx.errors import RewriteError
 from lbi_fx.interfaces import InterfaceDecoder, InterfaceEncoder, Segments
+from lbi_fx.layout import InterfaceDict
 
 from .capture import MODULE_KEY
 from .mark_dynamic import DATA_KEY, is_dynamic
 from .partition import PLACE_KEY, PROLOGUE, module_of, place_of
+from .seq_axes import seq_axes, seq_axes_known
 from .shape_prop import output_tensor, tensors_of
 
 IFACE = "lbi"  # attribute name of the ModuleDict holding the interface modules
@@ -105,8 +107,16 @@ def crossing_sets(gm: fx.GraphModule, num_regions: int) -> dict[int, list[fx.Nod
     return out
 
 
-def _target_shape(t_shape: tuple[int, ...], canvas_shape: tuple[int, ...]) -> list[tuple[str, int]]:
-    """Map a crossing tensor's dims onto the canvas's so batch/sequence stay dynamic."""
+def _target_shape(t_shape: tuple[int, ...], canvas_shape: tuple[int, ...],
+                  t_axes: tuple[int, ...] | None = None, c_axis: int | None = None
+                  ) -> list[tuple[str, int]]:
+    """Map a crossing tensor's dims onto the canvas's so batch/sequence stay dynamic:
+    with the sequence axes from the graph (``t_axes``; ``c_axis`` the canvas's), each
+    sequence axis follows the canvas's; without them, dims are matched by size."""
+    if t_axes is not None:
+        return [("canvas", 0) if i == 0 else ("canvas", c_axis)
+                if i in t_axes and c_axis is not None else ("const", s)
+                for i, s in enumerate(t_shape)]
     spec: list[tuple[str, int]] = []
     inner = list(range(1, len(canvas_shape) - 1))
     for i, s in enumerate(t_shape):
@@ -122,6 +132,26 @@ def _target_shape(t_shape: tuple[int, ...], canvas_shape: tuple[int, ...]) -> li
     return spec
 
 
+def seq_moved(shape: tuple[int, ...], axis: int | None) -> tuple[int, ...]:
+    """``shape`` with the sequence axis moved to 1 (what the interfaces see)."""
+    if axis is None or axis == 1:
+        return tuple(shape)
+    return (shape[0], shape[axis], *shape[1:axis], *shape[axis + 1:])
+
+
+def _axes(node: fx.Node) -> tuple[int, ...] | None:
+    """The node's sequence axes from the graph, None where the graph could not tell."""
+    gm = node.graph.owning_module
+    return seq_axes(node) if gm is not None and seq_axes_known(gm) else None
+
+
+def sequence_axis(node: fx.Node) -> int | None:
+    """The one sequence axis (>= 1) of the node's tensor, or None (none, several, or
+    unknown): the axis the interfaces move to 1 before pooling."""
+    axes = _axes(node)
+    return axes[0] if axes is not None and len(axes) == 1 and axes[0] >= 1 else None
+
+
 def insert_interfaces(
     gm: fx.GraphModule,
     num_regions: int,
@@ -131,6 +161,7 @@ def insert_interfaces(
     pool: str = "mean",
     canvas: str | None = None,
     segments: Segments | None = None,
+    decoder_init: str = "default",
 ) -> InterfacePlan:
     """Rewrite ``gm`` in place; adds ``gm.lbi`` (a ModuleDict of interface modules).
 
@@ -148,15 +179,34 @@ def insert_interfaces(
     order = {n: i for i, n in enumerate(graph.nodes)}
     canvas_node = find_canvas(gm, canvas)
     c_meta = output_tensor(canvas_node)
-    width = c_meta.shape[-1]
-    factory = {"dtype": c_meta.dtype}
     xs = crossing_sets(gm, K)
     if segments is not None:
         problem = causal_layout_problem(canvas_node, xs)
         if problem:
             raise RewriteError(f"pool='causal': {problem}")
+    known = seq_axes_known(gm)
+
+    def axis(u: fx.Node) -> int | None:  # the sequence axis the interfaces move to 1
+        if known:
+            return sequence_axis(u)
+        return 1 if segments is not None else None  # checked unambiguous above
+
+    def feats(u: fx.Node) -> int:
+        shape = output_tensor(u).shape
+        return seq_moved(shape, axis(u))[-1] if len(shape) > 1 else 1
+
+    def target(u: fx.Node) -> list[tuple[str, int]]:
+        return _target_shape(output_tensor(u).shape, c_meta.shape,
+                             _axes(u) if known else None, c_axis)
+
+    def pools_positions(u: fx.Node) -> bool:
+        return bool(_axes(u)) if known else len(output_tensor(u).shape) >= 3
+
+    c_axis = axis(canvas_node)
+    width = feats(canvas_node)
+    factory = {"dtype": c_meta.dtype}
     seg = {"segments": segments}
-    mods = nn.ModuleDict()
+    mods = InterfaceDict()  # a ModuleDict that records its layout in state dicts
     keys: dict[fx.Node, tuple[int, float]] = {}
 
     def add(name: str, mod: nn.Module, args: tuple, place: int, key: float, role: str) -> fx.Node:
@@ -170,11 +220,13 @@ def insert_interfaces(
 
     # m_0 from the canvas alone; region 0 reads canvas + Dec_0(m_0) in place of the canvas.
     m0 = add("enc_in", InterfaceEncoder([width], ranks[0], width, kind=encoder, pool=pool,
-                                        residual=False, **seg),
+                                        residual=False, seq_axes=[c_axis], **seg),
              (None, canvas_node), PROLOGUE, order[canvas_node] + 0.5, "m_0")
-    mods["enc_in"].pools_positions = len(c_meta.shape) >= 3
-    dec0 = add("dec_0_0", InterfaceDecoder(ranks[0], width, width, _target_shape(c_meta.shape, c_meta.shape),
-                                           kind=encoder, **seg), (m0, canvas_node), 0, -1.0, "decoder")
+    mods["enc_in"].pools_positions = pools_positions(canvas_node)
+    zero = decoder_init == "zero"
+    dec0 = add("dec_0_0", InterfaceDecoder(ranks[0], width, width, target(canvas_node), kind=encoder,
+                                           seq_axis=c_axis, zero_init=zero, **seg),
+               (m0, canvas_node), 0, -1.0, "decoder")
     for user in list(canvas_node.users):
         if user is not dec0 and place_of(user) == 0:
             user.replace_input_with(canvas_node, dec0)
@@ -184,19 +236,20 @@ def insert_interfaces(
     for k in range(1, K):
         prev = m_nodes[-1]
         emitted = [u if place_of(u) == k - 1 else world[(k - 1, u)] for u in xs[k]]
-        feats = [output_tensor(u).shape[-1] if len(output_tensor(u).shape) else 1 for u in xs[k]]
         r_in, r_out = ranks[max(k - 2, 0)] if k > 1 else ranks[0], ranks[k - 1]
-        m_k = add(f"enc_{k - 1}", InterfaceEncoder(feats, r_out, width, kind=encoder, pool=pool,
-                                                   in_rank=r_in, **seg),
+        m_k = add(f"enc_{k - 1}", InterfaceEncoder([feats(u) for u in xs[k]], r_out, width,
+                                                   kind=encoder, pool=pool, in_rank=r_in,
+                                                   seq_axes=[axis(u) for u in xs[k]], **seg),
                   (prev, *emitted), k - 1, float("inf"), f"m_{k}")
-        mods[f"enc_{k - 1}"].pools_positions = any(len(output_tensor(u).shape) >= 3 for u in xs[k])
+        mods[f"enc_{k - 1}"].pools_positions = any(pools_positions(u) for u in xs[k])
         m_nodes.append(m_k)
         for i, u in enumerate(xs[k]):
             t = output_tensor(u)
-            same = tuple(t.shape) == tuple(c_meta.shape)
+            # the canvas stands in only for a tensor of its shape and layout
+            same = tuple(t.shape) == tuple(c_meta.shape) and (not known or _axes(u) == _axes(canvas_node))
             dec = add(f"dec_{k}_{i}", InterfaceDecoder(
-                r_out, width, t.shape[-1] if len(t.shape) > 1 else 1,
-                _target_shape(t.shape, c_meta.shape), kind=encoder, use_canvas=same, **seg),
+                r_out, width, feats(u), target(u), kind=encoder, use_canvas=same,
+                seq_axis=axis(u), zero_init=zero, **seg),
                 (m_k, canvas_node), k, -1.0 + i * 1e-3, "decoder")
             world[(k, u)] = dec
             last = k == K - 1
@@ -215,20 +268,42 @@ def insert_interfaces(
 
 
 def causal_layout_problem(canvas: fx.Node, crossings: dict[int, list[fx.Node]]) -> str | None:
-    """Why segment-causal interfaces cannot carry this model, or None: they need the
-    sequence on axis 1 (batch first) of the canvas and of every crossing tensor."""
+    """Why segment-causal interfaces cannot carry this model, or None. They need one
+    sequence axis (any axis but batch; the graph says which, ``passes/seq_axes.py``)
+    and a features axis in the canvas and in every crossing tensor."""
     c = output_tensor(canvas)
-    if len(c.shape) < 3:
+    advice = ("use pool='mean' knowingly (later positions then reach earlier ones through "
+              "m_k), or keep (batch, sequence, ..., features) at region boundaries")
+    c_axes = _axes(canvas)
+    if len(c.shape) < 3 or c_axes == ():
         return (f"the canvas {canvas.name} has shape {tuple(c.shape)}: there is no sequence "
-                "axis (batch first, sequence on axis 1, features last)")
+                "axis (batch first, a sequence axis, features last)")
+    if c_axes is None:
+        if any(c.shape[i] == c.shape[1] for i in range(2, len(c.shape))):
+            return (f"cannot tell which axis of the canvas {canvas.name} {tuple(c.shape)} carries "
+                    "the sequence: the model does not run at another sequence length, and sizes "
+                    f"are ambiguous; {advice}")
+    elif len(c_axes) != 1 or c_axes[0] == 0:
+        return (f"the canvas {canvas.name} {tuple(c.shape)} has sequence axes {c_axes} (one "
+                f"axis besides batch is needed); {advice}")
     for k, nodes in crossings.items():
         for u in nodes:
             t = output_tensor(u)
-            if len(t.shape) < 3 or _target_shape(t.shape, c.shape)[1] != ("canvas", 1):
-                return (f"{u.name} ({module_of(u) or '<top level>'}) crosses into region {k} with "
-                        f"shape {tuple(t.shape)}, whose axis 1 is not the sequence axis of the "
-                        f"canvas {tuple(c.shape)}; keep (batch, sequence, ..., features) at "
-                        "region boundaries")
+            where = f"{u.name} ({module_of(u) or '<top level>'}) crosses into region {k} with shape {tuple(t.shape)}"
+            axes = _axes(u)
+            if axes is None and c_axes is None:
+                # no graph facts: axis 1 only where no other axis has the sequence's size
+                if len(t.shape) < 3 or _target_shape(t.shape, c.shape)[1] != ("canvas", 1) or any(
+                        t.shape[i] == c.shape[1] for i in range(2, len(t.shape))):
+                    return (f"{where}: cannot tell its sequence axis (the model does not run at "
+                            f"another sequence length); {advice}")
+                continue
+            if axes is None or len(axes) != 1 or axes[0] == 0:
+                return (f"{where}, whose sequence axes are {axes if axes is not None else 'unknown'} "
+                        f"(one axis besides batch is needed); {advice}")
+            if len(t.shape) < 3:
+                return (f"{where}: sequence on axis {axes[0]} but no features axis; keep "
+                        "(batch, sequence, ..., features) at region boundaries")
     return None
 
 

@@ -36,7 +36,7 @@ settings.register_profile("long", max_examples=int(os.environ.get("LBI_FUZZ_EXAM
 
 # per-sample ops on a (B, D) or (B, L, D) stream; reductions never touch the batch axis
 OPS = ("linear", "tanh", "gelu", "mul", "add", "matmul", "bmm", "layernorm", "rmsnorm",
-       "mean", "sum", "amax", "dead", "iadd")
+       "mean", "sum", "amax", "dead", "iadd", "dropout")
 _WITH_LINEAR = {"linear", "mul", "add", "dead"}
 AUX = 3  # width of the second crossing tensor some blocks emit
 
@@ -100,7 +100,7 @@ class FuzzBlock(nn.Module):
         it = {k: iter(v) for k, v in (("lin", self.lins), ("mat", self.mats),
                                        ("norm", self.norms), ("gain", self.gains))}
         for op in g.ops:
-            y = _apply(op, y, it, g.reduce_dim if self.three_d else -1)
+            y = _apply(op, y, it, g.reduce_dim if self.three_d else -1, self.training)
         if g.residual:
             y = x + y
         if self.aux_out is not None:
@@ -108,7 +108,7 @@ class FuzzBlock(nn.Module):
         return y
 
 
-def _apply(op: str, y, it, dim: int):
+def _apply(op: str, y, it, dim: int, training: bool = False):
     if op == "linear":
         return next(it["lin"])(y)
     if op == "tanh":
@@ -140,6 +140,8 @@ def _apply(op: str, y, it, dim: int):
         return y
     if op == "iadd":  # in place on the current tensor (the crossing tensor when first)
         return y.add_(0.25)
+    if op == "dropout":  # the mode is a Python bool the capture bakes in: must follow .eval()
+        return F.dropout(y, 0.2, training=training)
     raise ValueError(op)
 
 
@@ -309,7 +311,7 @@ def reordered_specs(draw, n: int):
 
 def ranks(num_regions: int | None):
     """Valid ranks: one int, or one int per boundary."""
-    one = st.integers(1, 6)
+    one = st.integers(3, 6)  # rank < 3: the interface LayerNorm carries nothing
     if num_regions is None:
         return one
     return one | st.lists(one, min_size=num_regions - 1, max_size=num_regions - 1)

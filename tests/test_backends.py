@@ -30,13 +30,7 @@ needs_mamba_ssm = pytest.mark.skipif(
     not (HAS_CUDA and mamba2.mamba_ssm_available()), reason="needs CUDA and mamba_ssm")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is faster than two fighting for cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _idx(b=2, t=16, vocab=256, seed=0, device="cpu"):

@@ -64,7 +64,7 @@ def net(*kinds, **kw) -> nn.Module:
     return Net(*kinds, **kw).double()
 
 
-def transform(model, spec=None, rank=2, **kw):
+def transform(model, spec=None, rank=3, **kw):
     """``lbi_fx.transform`` with every region a block by default, warnings off, and the
     interface modules initialised from a fixed seed (results do not depend on test order)."""
     kw.setdefault("example_inputs", (x64(),))
@@ -195,7 +195,7 @@ def test_bad_rank_is_input_error(rank, match):
 
 def test_rank_not_below_dense_separator_warns_per_boundary():
     with pytest.warns(UserWarning) as record:
-        lbi = lbi_fx.transform(net(), lbi_fx.every(1, "blocks"), [2, D],
+        lbi = lbi_fx.transform(net(), lbi_fx.every(1, "blocks"), [3, D],
                                example_inputs=(x64(),))
     msgs = [str(w.message) for w in record if "compresses nothing" in str(w.message)]
     assert msgs == [f"lbi-fx: interface 2 carries {D} scalars per sample (rank {D} x 1 "

@@ -130,18 +130,18 @@ def test_causal_layout_refused_by_name_without_a_sequence_axis():
 
     ex = (torch.randn(3, 6),)
     with pytest.raises(lbi_fx.RewriteError, match="no sequence axis"):
-        lbi_fx.transform(MLP(), lbi_fx.every(1, "layers"), rank=2, example_inputs=ex,
+        lbi_fx.transform(MLP(), lbi_fx.every(1, "layers"), rank=3, example_inputs=ex,
                          pool="causal")
-    lbi = lbi_fx.transform(MLP(), lbi_fx.every(1, "layers"), rank=2, example_inputs=ex)
+    lbi = lbi_fx.transform(MLP(), lbi_fx.every(1, "layers"), rank=3, example_inputs=ex)
     assert lbi.pool == "mean"
 
 
 def test_pool_arguments_are_checked():
     model, ex = gpt(n_layer=2)
     with pytest.raises(lbi_fx.InputError, match="pool="):
-        lbi_fx.transform(model, lbi_fx.every(1, "layers"), rank=2, example_inputs=ex, pool="max")
+        lbi_fx.transform(model, lbi_fx.every(1, "layers"), rank=3, example_inputs=ex, pool="max")
     with pytest.raises(lbi_fx.InputError, match="segment_len"):
-        lbi_fx.transform(model, lbi_fx.every(1, "layers"), rank=2, example_inputs=ex,
+        lbi_fx.transform(model, lbi_fx.every(1, "layers"), rank=3, example_inputs=ex,
                          pool="mean", segment_len=4)
 
 
@@ -151,7 +151,7 @@ def test_pool_arguments_are_checked():
 @pytest.mark.parametrize("regions,rank,segment_len,max_len", [
     (2, 4, None, None),     # K = 2, S = 4 (default)
     (1, 3, 5, None),        # K = 4, S = ceil(16 / 5) = 4, last segment partial
-    (1, 2, 2, 20),          # K = 4, S = 10, max_len beyond the example
+    (1, 3, 2, 20),          # K = 4, S = 10, max_len beyond the example
 ])
 def test_causal_interface_gradients_equal_autograd(dtype, tol, regions, rank, segment_len,
                                                    max_len):
@@ -292,7 +292,7 @@ def test_spectra_come_from_the_last_backward():
 
 def test_torch_save_and_load_of_a_whole_transformed_model():
     model, ex = gpt(n_layer=2)
-    lbi = lbi_fx.transform(model, lbi_fx.every(1, "layers"), rank=2, example_inputs=ex)
+    lbi = lbi_fx.transform(model, lbi_fx.every(1, "layers"), rank=3, example_inputs=ex)
     lbi(ex[0]).sum().backward()  # built programs and a recorded backward must not block saving
     buf = io.BytesIO()
     torch.save(lbi, buf)
@@ -307,7 +307,7 @@ def test_torch_save_and_load_of_a_whole_transformed_model():
     for (n, a), (_, b) in zip(lbi.named_parameters(), back.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, msg=n)
     fresh = lbi_fx.transform(GPT(GPTConfig(block_size=64, n_layer=2, n_embd=32)),
-                             lbi_fx.every(1, "layers"), rank=2, example_inputs=ex)
+                             lbi_fx.every(1, "layers"), rank=3, example_inputs=ex)
     fresh.load_state_dict(back.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(fresh(ex[0]), lbi(ex[0]), rtol=0, atol=0)
@@ -323,15 +323,26 @@ def test_quality_command_scores_every_variant_leak_free(capsys, tmp_path):
                  "--seq", "16", "--batch", "4", "--json", "--no-progress", "--plot",
                  str(png)]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [(r["pool"], r["rank"], r["segments"]) for r in rows] == [
-        (None, None, None), ("mean", 16, 1), ("last", 16, 1), ("causal", 4, 4)]
+    assert [(r["model"], r["layers"], r["pool"], r["rank"], r["segments"], r["decoder_init"])
+            for r in rows] == [
+        ("dense", 4, None, None, None, None), ("dense", 2, None, None, None, None),
+        ("lbi", 4, "mean", 16, 1, "default"), ("lbi", 4, "last", 16, 1, "default"),
+        ("lbi", 4, "causal", 4, 4, "default"), ("lbi", 4, "causal", 4, 4, "zero"),
+        ("spl", 4, None, None, None, None)]
     keys = {"model", "pool", "rank", "segments", "scalars", "ce", "ce_leak_free",
-            "bpb_leak_free", "steps", "step_ratio"}
+            "bpb_leak_free", "steps", "step_ratio", "depth_recovery", "spread", "seeds"}
     assert all(keys <= set(r) for r in rows)
-    assert all(r["scalars"] == 16 for r in rows[1:]) and rows[0]["step_ratio"] == 1.0
-    # dense and causal models score the same with and without the future
-    for r in (rows[0], rows[3]):
+    assert all(r["scalars"] == 16 for r in rows[2:6]) and rows[0]["step_ratio"] == 1.0
+    # dense, causal and SPL models score the same with and without the future
+    for r in (rows[0], rows[1], rows[4], rows[5], rows[6]):
         assert abs(r["ce_leak_free"] - r["ce"]) <= 2e-4
+    deep, shallow = rows[0]["ce_leak_free"], rows[1]["ce_leak_free"]
+    for r in rows:  # the recovery column is what it says, where depth buys anything
+        if shallow > deep:
+            assert r["depth_recovery"] == pytest.approx((shallow - r["ce_leak_free"])
+                                                        / (shallow - deep), abs=2e-3)
+        else:
+            assert r["depth_recovery"] is None
     for r in rows:
         assert r["bpb_leak_free"] == pytest.approx(r["ce_leak_free"] / 0.6931471805599453,
                                                    abs=1e-3)

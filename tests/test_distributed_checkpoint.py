@@ -254,3 +254,108 @@ def test_other_model_same_k_is_refused_naming_the_tensor(runs):
     with pytest.raises(CheckpointError, match=r"'layers\.0\.attn\.c_attn\.bias': checkpoint "
                        r"has shape \(48,\) float32, this model \(96,\) float32"):
         checkpoint.load(runs / "ckpt", rp, opt)
+
+
+# -- one process: a world-1 gloo group, no spawn -------------------------------------------
+
+@pytest.fixture(scope="module")
+def world1():
+    """checkpoint.save/load are collectives; in one process a world-1 gloo group serves."""
+    from lbi_fx.distributed import free_port
+
+    if dist.is_initialized():
+        pytest.skip("this process already has a process group")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _lm(**kw):
+    """K = 2, rank 4, sequence 32: pool/segment variants with the same tensor shapes."""
+    import lbi_fx
+    from lbi_fx.models.transformer import build
+
+    torch.manual_seed(0)
+    model, (idx,) = build(n_layer=2, n_embd=16, n_head=2, block_size=32, batch=2, seq=32, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lbi_fx.CausalityWarning)
+        return lbi_fx.transform(model, [["layers.0"], ["layers.1"]], rank=4,
+                                example_inputs=(idx,), jacobian="reuse", **kw)
+
+
+def _one(lbi, groups: int = 1):
+    """RegionParallel over the world-1 group, AdamW in one group or decay / no-decay."""
+    from lbi_fx.distributed import RegionParallel
+
+    rp = RegionParallel(lbi)
+    ps = list(lbi.parameters())
+    if groups == 1:
+        return rp, torch.optim.AdamW(ps, lr=1e-2)
+    return rp, torch.optim.AdamW([{"params": [p for p in ps if p.dim() >= 2]},
+                                  {"params": [p for p in ps if p.dim() < 2],
+                                   "weight_decay": 0.0}], lr=1e-2)
+
+
+@pytest.fixture(scope="module")
+def causal16(world1, tmp_path_factory):
+    """A checkpoint of a pool="causal", segment_len=16 model, after one AdamW step."""
+    from lbi_fx import checkpoint
+
+    path = tmp_path_factory.mktemp("causal16")
+    lbi = _lm(pool="causal", segment_len=16)
+    rp, opt = _one(lbi)
+    lbi(torch.randint(0, 256, (2, 32))).logsumexp(-1).mean().backward()
+    opt.step()
+    checkpoint.save(path, rp, opt, extra={"step": 1})
+    return path, {n: p.detach().clone() for n, p in lbi.named_parameters()}
+
+
+def test_one_process_checkpoint_round_trip(causal16):
+    from lbi_fx import checkpoint
+
+    path, saved = causal16
+    lbi = _lm(pool="causal", segment_len=16)
+    assert checkpoint.load(path, *_one(lbi)) == {"step": 1}
+    for n, p in lbi.named_parameters():
+        assert torch.equal(p, saved[n]), n
+
+
+@pytest.mark.parametrize("kw, groups, message", [
+    (dict(pool="causal", segment_len=8), 1, "segment layout: checkpoint has 2 segments of 16 "
+     "positions, max_len 32, this model 4 segments of 8 positions, max_len 32"),
+    (dict(pool="causal", segment_len=17), 1, "segment layout: checkpoint has 2 segments of "
+     "16 positions, max_len 32, this model 2 segments of 17 positions"),  # same widths too
+    (dict(pool="mean"), 1, "pool: checkpoint has 'causal', this model 'mean'"),
+    (dict(pool="causal", segment_len=16, encoder="linear"), 1,
+     "encoder kind: checkpoint has 'mlp', this model 'linear'"),
+    (dict(pool="causal", segment_len=16), 2, r"optimizer param groups \(dp replica 0, region "
+     r"rank 0\): checkpoint has 1 group\(s\) of sizes \[\d+\].*this optimizer 2 group\(s\)"),
+], ids=["segment_len", "segment_len_same_width", "pool", "encoder", "param_groups"])
+def test_checkpoint_of_another_layout_is_refused_by_field(causal16, kw, groups, message):
+    """Same tensor names and shapes (but the encoder's), other meaning: refused before any
+    collective, naming the field and both values."""
+    from lbi_fx import checkpoint
+    from lbi_fx.errors import CheckpointError
+
+    lbi = _lm(**kw)
+    with pytest.raises(CheckpointError, match=message):
+        checkpoint.load(causal16[0], *_one(lbi, groups))
+
+
+def test_format_1_checkpoint_loads_with_a_warning(causal16, tmp_path):
+    """Checkpoints written before the layout record (format 1) still load, and say what
+    went unchecked."""
+    import json
+    import shutil
+
+    from lbi_fx import checkpoint
+
+    old = tmp_path / "old"
+    shutil.copytree(causal16[0], old)
+    meta = json.loads((old / "lbi_meta.json").read_text())
+    meta["format"] = 1
+    del meta["layout"], meta["optim_groups"]
+    (old / "lbi_meta.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="predates layout records"):
+        assert checkpoint.load(old, *_one(_lm(pool="causal", segment_len=16))) == {"step": 1}

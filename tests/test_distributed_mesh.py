@@ -83,7 +83,7 @@ def _chain(n: int, nan_in: int | None = None, check_finite: bool = False,
     torch.manual_seed(0)
     x = torch.randn(2, 6, dtype=torch.float64)
     lbi = lbi_fx.transform(Chain(n=n, nan_in=nan_in, skip_last=skip_last).double(),
-                           regions=[[f"blocks.{k}"] for k in range(n)], rank=2,
+                           regions=[[f"blocks.{k}"] for k in range(n)], rank=3,
                            example_inputs=(x,), jacobian="reuse")
     lbi.check_finite = check_finite  # set after: transform's own trial backward would refuse
     return lbi, x
@@ -132,23 +132,68 @@ def _exact(lbi, idx, tgt, mesh, dtype) -> dict:
                 pool=getattr(lbi, "pool", None))
 
 
+def _batches(n: int) -> list:
+    """``n`` different global batches (idx, tgt)."""
+    g = torch.Generator().manual_seed(11)
+    return [(torch.randint(0, V, (B, L), generator=g), torch.randint(0, V, (B, L), generator=g))
+            for _ in range(n)]
+
+
+def _accumulated(lbi, batches, mesh=None, group=None) -> dict:
+    """One step per batch without zeroing: ``.grad`` must be the sum of the steps'
+    full-batch gradients, as autograd accumulates them (fp64), with one flat all-reduce per
+    step and kind."""
+    from lbi_fx.distributed import RegionParallel, shard_batch
+
+    lbi.to(torch.float64)
+    lbi.backward = "autograd"
+    params = dict(lbi.named_parameters())
+    ref: dict = dict.fromkeys(params)
+    for idx, tgt in batches:
+        grads = torch.autograd.grad(ce(tgt)(lbi(idx)), list(params.values()), allow_unused=True)
+        for n, g in zip(params, grads):
+            if g is not None:
+                ref[n] = g if ref[n] is None else ref[n] + g
+    lbi.backward = "scan"
+    lbi.zero_grad(set_to_none=True)
+    rp = RegionParallel(lbi, group, mesh=mesh, timeout=30)
+    for idx, tgt in batches:
+        my_idx, my_tgt = shard_batch((idx, tgt), rp)
+        rp.step((my_idx,), ce(my_tgt))
+    got = {n: p.grad for n, p in params.items() if p.grad is not None}
+    errs = {n: float((g - ref[n]).norm() / ref[n].norm()) if ref[n] is not None else math.inf
+            for n, g in got.items()}
+    diff = sum(float((g - ref[n]).pow(2).sum()) for n, g in got.items() if ref[n] is not None)
+    norm = sum(float(ref[n].pow(2).sum()) for n in got if ref[n] is not None)
+    return dict(rel=math.sqrt(diff / norm), worst=max(errs.items(), key=lambda e: e[1]),
+                have=sorted(got), used=rp.used, steps=len(batches),
+                calls={ph: sum(r.phase == ph for r in rp.comm.records)
+                       for ph in ("grad_allreduce", "dp_allreduce")})
+
+
 def _ignored_interface(group) -> dict:
-    """mbar_{K-1} is None: earlier regions get no gradient, as under autograd."""
+    """mbar_{K-1} is None: earlier regions get no gradient, as under autograd, also after
+    a second step without zeroing (None stays None, the rest accumulates)."""
     from lbi_fx.distributed import RegionParallel
 
     lbi, x = _chain(3, skip_last=True)
     params = dict(lbi.named_parameters())
-    lbi.backward = "autograd"
-    ref = torch.autograd.grad(lbi(x).pow(2).mean(), list(params.values()), allow_unused=True)
-    lbi.backward = "scan"
-    rp = RegionParallel(lbi, group, timeout=30)
-    rp.step((x,), lambda o: o.pow(2).mean())
+    acc: list = [None] * len(params)
+    rp = None
     out = {}
-    for (n, p), g in zip(params.items(), ref):
-        if n in rp.used:
-            out[n] = ("none" if g is None and p.grad is None else
-                      "mismatch" if (g is None) != (p.grad is None) else
-                      float((p.grad - g).norm() / max(float(g.norm()), 1e-300)))
+    for step, xs in enumerate((x, 0.5 * x.flip(0))):
+        lbi.backward = "autograd"
+        ref = torch.autograd.grad(lbi(xs).pow(2).mean(), list(params.values()),
+                                  allow_unused=True)
+        acc = [a if g is None else g if a is None else a + g for a, g in zip(acc, ref)]
+        lbi.backward = "scan"
+        rp = rp or RegionParallel(lbi, group, timeout=30)
+        rp.step((xs,), lambda o: o.pow(2).mean())
+        out[f"step{step}"] = {
+            n: ("none" if g is None and p.grad is None else
+                "mismatch" if (g is None) != (p.grad is None) else
+                float((p.grad - g).norm() / max(float(g.norm()), 1e-300)))
+            for (n, p), g in zip(params.items(), acc) if n in rp.used}
     return out
 
 
@@ -166,12 +211,20 @@ def _worker(rank: int, port: int, out: str) -> None:
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "region"))
         misnamed = init_device_mesh("cpu", (2, 2), mesh_dim_names=("data", "region"))
         too_wide = init_device_mesh("cpu", (1, 4), mesh_dim_names=("dp", "region"))
+        dp_only = init_device_mesh("cpu", (4, 1), mesh_dim_names=("dp", "region"))
         pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             lbi, idx, tgt = _gpt()
             res["exact"] = {str(dt): _exact(lbi, idx, tgt, mesh, dt)
                             for dt in (torch.float64, torch.float32)}
+            # gradient accumulation: 3 steps without zero_grad, on the mesh, on a plain
+            # group of 2 region ranks (K = 3: one rank runs two regions), and 2 steps on a
+            # 4 x 1 mesh (one region rank: the prologue's parameters are dp-averaged)
+            batches = _batches(3)
+            res["accum"] = dict(mesh=_accumulated(lbi, batches, mesh=mesh),
+                                plain=_accumulated(lbi, batches, group=pairs[rank // 2]),
+                                dp_only=_accumulated(lbi, batches[:2], mesh=dp_only))
             # replicas fed different shard sizes: the mean would be wrong, so every rank refuses
             rp = RegionParallel(lbi, mesh=mesh, timeout=30)
             rows = 2 if rp.dp_rank == 0 else 1
@@ -275,13 +328,29 @@ def test_bad_meshes_are_refused_by_name_before_any_collective(ranks):
             assert bad[key]["type"] == "InputError" and pattern in bad[key]["msg"], (key, bad[key])
 
 
+def test_accumulated_steps_equal_summed_autograd_on_mesh_and_plain_group(ranks):
+    """Steps without zero_grad: every .grad is the sum of the steps' backwards, on the
+    2 x 2 mesh, on a plain group of 2 and on a 4 x 1 mesh; one all-reduce per step and
+    kind."""
+    for rank, res in enumerate(ranks):
+        for kind in ("mesh", "plain", "dp_only"):
+            r = res["accum"][kind]
+            assert r["rel"] <= 1e-10 and r["worst"][1] <= 1e-10, (rank, kind, r["rel"], r["worst"])
+            assert r["have"] == r["used"], (rank, kind)
+            assert r["calls"]["grad_allreduce"] == r["steps"], (rank, kind, r["calls"])
+            dp_calls = r["steps"] if kind == "mesh" else 0  # dp x 1: all in one bucket
+            assert r["calls"]["dp_allreduce"] == dp_calls, (rank, kind, r["calls"])
+
+
 def test_last_region_ignoring_its_interface_is_exact_under_region_parallel(ranks):
-    nones = 0
-    for rank in (0, 1):
-        for name, err in ranks[rank]["ignored"].items():
-            assert err == "none" or (err != "mismatch" and err <= 1e-12), (rank, name, err)
-            nones += err == "none"
-    assert nones > 0  # the regions before the last get no gradient at all
+    for step in ("step0", "step1"):  # step1: accumulated without zero_grad
+        nones = 0
+        for rank in (0, 1):
+            for name, err in ranks[rank]["ignored"][step].items():
+                assert err == "none" or (err != "mismatch" and err <= 1e-12), \
+                    (rank, step, name, err)
+                nones += err == "none"
+        assert nones > 0  # the regions before the last get no gradient at all
 
 
 def test_check_finite_raises_under_region_parallel_and_ends_the_peer(ranks):

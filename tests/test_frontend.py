@@ -491,13 +491,14 @@ def at_root(monkeypatch):
 
 
 def test_cli_verify_exit_codes(at_root, capsys, tmp_path):
-    assert main([*GPT_ARGS, "--rank", "16"]) == 1
+    """--dense: the model as given against the budget (--rank alone checks the rewrite)."""
+    assert main([*GPT_ARGS, "--rank", "16", "--dense"]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and "2048" in out  # default build: seq 32 x n_embd 64
-    assert main([*GPT_ARGS, "--rank", "100000"]) == 0
+    assert main([*GPT_ARGS, "--rank", "100000", "--dense"]) == 0
     assert "OK: every boundary holds" in capsys.readouterr().out
     dot = tmp_path / "g.dot"
-    assert main([*GPT_ARGS, "--rank", "16", "--json", "--dot", str(dot)]) == 1
+    assert main([*GPT_ARGS, "--rank", "16", "--dense", "--json", "--dot", str(dot)]) == 1
     data = json.loads(capsys.readouterr().out)
     assert data["ok"] is False and data["boundaries"][0]["min_cut_scalars"] == 2048
     assert dot.read_text().startswith("digraph") and "cluster" in dot.read_text()
@@ -531,7 +532,7 @@ def test_cli_usage_errors_exit_2(at_root, capsys, argv, match):
 
 def test_cli_module_entry_point():
     proc = subprocess.run(
-        [sys.executable, "-m", "lbi_fx", *GPT_ARGS, "--rank", "16"],
+        [sys.executable, "-m", "lbi_fx", *GPT_ARGS, "--rank", "16", "--dense"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 1, proc.stderr

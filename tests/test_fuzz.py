@@ -22,6 +22,7 @@ from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
 import lbi_fx
+from lbi_fx.causality import causal_leak
 from lbi_fx.testing import default_loss, gradient_parity
 from tests import fuzz_models as fm
 
@@ -30,6 +31,21 @@ _chosen = settings.get_current_profile_name()
 FUZZ = settings(settings.get_profile("ci" if _chosen == "default" else _chosen))
 
 REL_L2 = 1e-10      # whole gradient vector, fp64
+# words with which lbi-fx says a failure is its own: never acceptable as a refusal
+OWN_FAULT = ("please report", "bug in lbi-fx", "bug in the rewrite", "a bug in")
+
+
+def _after_rewrite(exc: BaseException) -> bool:
+    """Was ``exc`` raised once the model was rewritten (by the built module or its
+    transform-time probes) rather than while checking the inputs?"""
+    late = {"probe_batch_mixing", "trial_backward", "forward", "run_chain", "backward"}
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name in late and "lbi_fx" in code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
 PER_PARAM = 1e-7    # ||dg_p|| / (||g_p|| + 1e-6 ||g||): a small wrong parameter shows here
 
 
@@ -91,6 +107,10 @@ def check(model, inputs, spec, rank, *, expect: type | None = None, kind: str = 
             assert expect is None or isinstance(exc, expect), (
                 f"{kind}: expected {expect.__name__}, got {type(exc).__name__}: {exc}")
             assert len(str(exc)) > 20, f"terse refusal: {exc!r}"
+            own = [w for w in OWN_FAULT if w in str(exc).lower()]
+            assert not own, f"{kind}: lbi-fx blames itself ({own}) in a refusal: {exc}"
+            assert not (isinstance(exc, lbi_fx.InputError) and _after_rewrite(exc)), (
+                f"{kind}: InputError after the rewrite (inputs were fine before it): {exc}")
             return {"outcome": type(exc).__name__, "kind": kind, "msg": str(exc)[:160],
                     "spec": repr(spec), "rank": repr(rank), "secs": time.perf_counter() - t0}
     assert expect is None, f"{kind}: expected {expect.__name__}, transform returned a model"
@@ -99,6 +119,14 @@ def check(model, inputs, spec, rank, *, expect: type | None = None, kind: str = 
     per_param, none_vs_zero = param_errors(lbi, inputs)
     assert per_param <= PER_PARAM, f"a parameter's gradient is wrong: {per_param:.2e}\n{report}"
     assert none_vs_zero == 0, f"{none_vs_zero} gradients None under one mode only\n{report}"
+    for mode in ("eval", "train"):  # the same module after .eval() and back
+        getattr(lbi, mode)()
+        again = gradient_parity(lbi, inputs)
+        assert again.rel_l2 <= REL_L2 and not again.missing and not again.extra, (
+            f"after lbi.{mode}(): {again}")
+    if lbi.pool == "causal":
+        leak = causal_leak(lbi, inputs, cuts=range(1, inputs[0].shape[1]))
+        assert leak == 0.0, f"pool='causal' was built but earlier outputs see later inputs: {leak:.2e}"
     sep = lbi_fx.verify(lbi, example_inputs=inputs)
     assert sep.ok, str(sep)
     assert len(sep.boundaries) == lbi.num_regions - 1
@@ -134,7 +162,8 @@ def test_fuzz_valid_specs_transform_exactly_or_refuse(genome, data):
     kind, spec, k = data.draw(fm.valid_specs(len(genome.blocks), genome.embed), label="spec")
     rank = data.draw(fm.ranks(k), label="rank")
     options = data.draw(st.fixed_dictionaries({
-        "encoder": st.sampled_from(("mlp", "linear")), "pool": st.sampled_from(("mean", "last")),
+        "encoder": st.sampled_from(("mlp", "linear")),
+        "pool": st.sampled_from(("auto", "auto", "auto", "causal", "mean", "last")),
         "jacobian": st.sampled_from(("auto", "reuse", "forward", "recompute")),
         "chunk": st.none() | st.integers(1, 6)}), label="options")
     _record(check(model, inputs, spec, rank, kind=kind, **options), genome)

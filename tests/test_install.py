@@ -4,7 +4,8 @@
 The quick test (CI) checks that the installed package is the one imported, that the
 headline ``lbi-fx verify lbi_fx.models:gpt`` works, that every sub-command's ``--help``
 names it and lists its flags, and that every sub-command fails on bad input with one line
-and no traceback. The slow test runs every sub-command with its quickest flags.
+and no traceback. The last test runs every sub-command with its quickest flags as a
+process (54-83 s measured on 2 shared cores; it runs in CI like every other test).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ FAILURES: dict[str, list[str]] = {
 }
 # The quickest successful run of each sub-command, and its exit status.
 QUICK: dict[str, tuple[list[str], int]] = {
-    "verify": (["verify", "lbi_fx.models:gpt", "--regions", "layers:2", "--rank", "16"], 1),
+    "verify": (["verify", "lbi_fx.models:gpt", "--regions", "layers:2", "--rank", "16"], 0),
     "inspect": (["inspect", "lbi_fx.models:gpt", "--regions", "layers:2", "--rank", "4",
                  "--show", "report"], 0),
     "parity": (["parity", "--inits", "1", "--batches", "1", "--backends", "transformer",
@@ -124,7 +125,7 @@ def _one_line_error(err: str) -> bool:
 
 def test_installed_wheel_verifies_gpt_from_another_folder(installed):
     proc = installed.lbi_fx("verify", "lbi_fx.models:gpt", "--regions", "layers:2",
-                            "--rank", "16", timeout=300)
+                            "--rank", "16", "--dense", timeout=300)
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.returncode == 1, proc.stderr  # the dense GPT's boundary is L x D > 16
     assert "boundar" in proc.stdout and "region 1" in proc.stdout
@@ -151,7 +152,6 @@ def test_installed_wheel_helps_and_fails_in_one_line(installed):
     assert proc.returncode == 2 and _one_line_error(proc.stderr), proc.stderr
 
 
-@pytest.mark.slow
 def test_installed_wheel_runs_every_subcommand(installed):
     for cmd, (argv, rc) in QUICK.items():
         proc = installed.lbi_fx(*argv)

@@ -1,8 +1,9 @@
 """Gradient parity: scan backward vs plain autograd on the same LBI module.
 
-The grid of the rewrite issue: K in {2,3,6}, r in {1,4,16}, region sizes 1-3, batch 1
-and 4, tied and untied embeddings, dropout on and off, fp64 and fp32. Every (K, r,
-dtype) cell runs; the other axes are cycled so each value appears with each K.
+The grid of the rewrite issue: K in {2,3,6}, r in {3,4,16} (r = 1, 2 give constant
+interfaces and are refused), region sizes 1-3, batch 1 and 4, tied and untied
+embeddings, dropout on and off, fp64 and fp32. Every (K, r, dtype) cell runs; the other
+axes are cycled so each value appears with each K.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from lbi_fx.models.transformer import build
 from lbi_fx.testing import default_loss, gradient_parity
 
 TOL = {torch.float64: dict(rel_l2=1e-12, cosine=1 - 1e-12),
-       torch.float32: dict(rel_l2=1e-6, cosine=0.999999)}
+       torch.float32: dict(cosine=0.999999)}  # fp32: the default rtol 1e-5, per tensor too
+GLOBAL = {torch.float64: 1e-12, torch.float32: 1e-6}  # the whole gradient vector, tighter
 
-CELLS = list(itertools.product([2, 3, 6], [1, 4, 16]))
+CELLS = list(itertools.product([2, 3, 6], [3, 4, 16]))  # r < 3: LayerNorm carries nothing
 OTHER = list(itertools.product([1, 2, 3], [1, 4], [True, False], [0.0, 0.1]))
 
 
@@ -42,6 +44,7 @@ def test_parity_grid(cell, dtype):
     assert lbi.num_regions == K
     report = gradient_parity(lbi, (idx,), seed=cell)
     report.assert_close(**TOL[dtype])
+    assert report.rel_l2 <= GLOBAL[dtype], str(report)
     assert report.n_params == sum(1 for p in lbi.parameters() if p.requires_grad)
 
 
@@ -53,8 +56,9 @@ def test_dropout_changes_gradients_but_stays_exact(dtype):
     lbi = lbi_fx.transform(model, lbi_fx.every(2, "layers"), rank=4, example_inputs=(idx,))
     a = gradient_parity(lbi, (idx,), seed=1)
     b = gradient_parity(lbi, (idx,), seed=2)
-    a.assert_close(**TOL[dtype])
-    b.assert_close(**TOL[dtype])
+    for rep in (a, b):
+        rep.assert_close(**TOL[dtype])
+        assert rep.rel_l2 <= GLOBAL[dtype], str(rep)
     ga, gb = _scan_grads(lbi, idx, seed=1), _scan_grads(lbi, idx, seed=2)
     for name in ("layers.0.mlp.c_fc.weight", "layers.3.attn.c_attn.weight"):  # both regions
         rel = float((ga[name] - gb[name]).norm() / ga[name].norm())

@@ -19,13 +19,7 @@ from lbi_fx.models import transformer as gpt
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread beats two fighting over the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scan_inputs(b=2, d=3, n=4, length=37, dtype=torch.float64, seed=0, full=True,

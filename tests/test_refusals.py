@@ -55,7 +55,7 @@ def test_bug_in_a_jacobian_strategy_is_an_internal_error(monkeypatch):
         state.caches[k].m_in, state.caches[k].m_in))  # a wrong-shape product
     with pytest.raises(lbi_fx.InternalError, match=r"region 0 \(jacobian='reuse'\).*"
                                                    r"reverse-mode autograd\) runs the same region"):
-        tf(net(), jacobian="reuse")
+        tf(net(), rank=4, jacobian="reuse")  # (B, r) @ (B, r) with B = 3 != r
 
 
 def test_bug_in_the_chain_forward_is_an_internal_error(monkeypatch):
@@ -109,7 +109,7 @@ def test_the_fuzzers_property_fails_on_an_internal_error(monkeypatch):
     of lbi-fx must not pass for one there."""
     from tests.test_fuzz import check
 
-    assert check(net(), (x64(),), lbi_fx.every(1, "blocks"), 2)["outcome"] == "transformed"
+    assert check(net(), (x64(),), lbi_fx.every(1, "blocks"), 3)["outcome"] == "transformed"
     _broken("stack_jacobians", RuntimeError("boom"), monkeypatch)
     with pytest.raises(lbi_fx.InternalError, match="boom"):
-        check(net(), (x64(),), lbi_fx.every(1, "blocks"), 2)
+        check(net(), (x64(),), lbi_fx.every(1, "blocks"), 3)

@@ -101,7 +101,7 @@ def test_several_crossings_of_different_widths():
     gradient_parity(lbi, (idx,)).assert_close(**FP64)
 
 
-@pytest.mark.parametrize("K,r", [(2, 16), (3, 4), (6, 1)])
+@pytest.mark.parametrize("K,r", [(2, 16), (3, 4), (6, 3)])
 def test_verify_after_rewrite_holds_at_rank(K, r):
     model, (idx,) = build(n_layer=K, n_embd=16, n_head=2, seq=8)
     before = lbi_fx.verify(model, lbi_fx.every(1, "layers"), example_inputs=(idx,), rank=r)
@@ -171,7 +171,7 @@ def test_exported_model_transforms_and_runs_other_shapes():
 
 def test_scan_mode_is_default_and_mode_is_validated():
     model, (idx,) = build(n_layer=2, n_embd=16, n_head=2, seq=8)
-    lbi = lbi_fx.transform(model, lbi_fx.every(1, "layers"), rank=2, example_inputs=(idx,))
+    lbi = lbi_fx.transform(model, lbi_fx.every(1, "layers"), rank=3, example_inputs=(idx,))
     assert lbi.backward == "scan"
     with pytest.raises(lbi_fx.InputError, match="backward"):
         lbi.backward = "reverse"
@@ -206,11 +206,11 @@ class BatchNormBlock(nn.Module):
 def test_batch_mixing_is_refused():
     idx = _idx(b=3, vocab=10)
     with pytest.raises(lbi_fx.BatchMixingError, match="region 0"):
-        lbi_fx.transform(BatchSum(), [["l0"], ["l1"]], rank=2, example_inputs=(idx,))
+        lbi_fx.transform(BatchSum(), [["l0"], ["l1"]], rank=3, example_inputs=(idx,))
     with pytest.raises(lbi_fx.BatchMixingError, match="BatchNorm"):
-        lbi_fx.transform(BatchNormBlock(), [["l0"], ["l1"]], rank=2, example_inputs=(idx,))
+        lbi_fx.transform(BatchNormBlock(), [["l0"], ["l1"]], rank=3, example_inputs=(idx,))
     # frozen statistics are per sample: allowed, and exact
-    lbi = lbi_fx.transform(BatchNormBlock().eval().double(), [["l0"], ["l1"]], rank=2,
+    lbi = lbi_fx.transform(BatchNormBlock().eval().double(), [["l0"], ["l1"]], rank=3,
                            example_inputs=(idx,))
     gradient_parity(lbi, (idx,)).assert_close(**FP64)
 

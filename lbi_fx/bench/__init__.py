@@ -31,7 +31,7 @@ def load(name: str) -> ModuleType:
 
 def standalone(module: ModuleType, name: str, argv: Sequence[str] | None) -> int:
     """``main`` of a bench module: its own parser, then ``run``."""
-    doc = (module.__doc__ or "").strip().split("\n\n")[0]
+    doc = (module.__doc__ or "").strip().split("\n\n")[0].replace("``", "")
     parser = argparse.ArgumentParser(prog=f"lbi-fx bench {name}", description=doc)
     module.add_arguments(parser)
     return module.run(parser.parse_args(None if argv is None else list(argv)))

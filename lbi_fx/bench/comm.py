@@ -178,8 +178,9 @@ def summarize(cfg: dict, res: dict) -> dict:
     lbi_b = sum(res["lbi"].get(p, 0) for p in ("scan_allgather", "mbar_broadcast"))
     pipe_b = res["pipe"].get("pipe_backward_grad", 0)
     return dict(
-        config={k: cfg.get(k, 1) for k in ("k", "world", "dp", "rank", "dtype", "batch",
-                                           "seq", "dim", "layers_per_region")},
+        config={**{k: cfg.get(k, 1) for k in ("k", "world", "dp", "rank", "dtype", "batch",
+                                              "seq", "dim", "layers_per_region")},
+                "pool": cfg.get("pool", "mean")},
         placement=res["place"],
         lbi_bytes=lbi_b,
         pipeline_bytes=pipe_b,
@@ -237,6 +238,15 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
+def _width(c: dict) -> str:
+    """The interface width of config ``c``, said as everywhere: rank r x S segments."""
+    from lbi_fx.interfaces import Segments
+    from lbi_fx.report import describe_width
+
+    causal = c.get("pool", "mean") in ("causal", "auto")  # auto: these GPTs are causal
+    return describe_width(c["rank"], Segments.make(c["seq"]).count if causal else 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry point: parse ``argv`` with :func:`add_arguments`, then :func:`run`."""
     return standalone(sys.modules[__name__], "comm", argv)
@@ -270,7 +280,7 @@ def run(a: argparse.Namespace) -> int:
             print(json.dumps(rows, indent=1))
         else:
             c = rows[0]["config"]
-            print(f"r={c['rank']} {c['dtype']} B={c['batch']} L={c['seq']} D={c['dim']} "
+            print(f"{_width(c)}, {c['dtype']} B={c['batch']} L={c['seq']} D={c['dim']} "
                   f"{c['layers_per_region']} blocks/region, one region per rank; seconds")
             print(f"{'K=world':>8} {'LBI crit':>9} {'exchange':>9} {'LBI after fwd':>14} "
                   f"{'pipe bwd':>9} {'LBI step':>9} {'pipe step':>10}")
@@ -288,7 +298,7 @@ def run(a: argparse.Namespace) -> int:
         print(json.dumps(s, indent=1))
         return 0
     c = s["config"]
-    print(f"K={c['k']} world={c['world']} dp={c['dp']} r={c['rank']} {c['dtype']} B={c['batch']} "
+    print(f"K={c['k']} world={c['world']} dp={c['dp']} {_width(c)}, {c['dtype']} B={c['batch']} "
           f"L={c['seq']} D={c['dim']} placement={s['placement']}")
     print(f"  LBI backward bytes      {s['lbi_bytes']:>12,}  ({_kb(s['lbi_bytes'])}: "
           f"J all-gather {s['lbi_phases'].get('scan_allgather', 0):,} + mbar broadcast "

@@ -55,7 +55,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--batch", type=int, default=1, help="default 1")
     ap.add_argument("--dim", type=int, default=64, help="channels d (default 64)")
     ap.add_argument("--d-state", type=int, default=16, help="state size n (default 16)")
-    ap.add_argument("--dtype", default="fp32", choices=list(_DTYPES))
+    ap.add_argument("--dtype", default="fp32", choices=list(_DTYPES),
+                    help="dtype of the inputs (default fp32)")
     ap.add_argument("--repeat", type=int, default=3, help="timed repeats, median (default 3)")
     ap.add_argument("--max-gib", type=float, default=4.0,
                     help="skip a baseline whose projected saved bytes exceed this (default 4)")
@@ -67,7 +68,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--indexed-loop", action="store_true",
                     help="also time the loop that indexes each step (quadratic backward), "
                          "at L <= 4096 only")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="default: cuda if available")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared 2-core machine, two "
                          "threads make the vectorised methods wait on each other)")

@@ -31,10 +31,20 @@ from torch.utils._pytree import tree_leaves
 
 import lbi_fx
 from lbi_fx.bench import standalone
+from lbi_fx.factory import add_factory_kw
 from lbi_fx.kernels import suffix_scan
+from lbi_fx.report import describe_width
 from lbi_fx.runtime import STRATEGIES
 
 MODELS = ("transformer", "mamba2", "hybrid")
+
+
+def _model_spec(text: str) -> str:
+    """``--model``: a shipped model's name, or any ``pkg.module:factory``."""
+    if text in MODELS or ":" in text:
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: choose one of {', '.join(MODELS)} or give a pkg.module:factory")
 
 
 def _build(name: str, layers: int, width: int, batch: int, seq: int):
@@ -106,11 +116,15 @@ def _peak_memory(step: Callable[[], None], device: torch.device) -> int:
     return tracker.peak
 
 
-def measure(lbi, inputs: tuple, targets: torch.Tensor, *, steps: int = 5, warmup: int = 2) -> dict:
-    """Time ``steps`` training steps of each backward mode on the same module."""
-    device = targets.device
+def measure(lbi, inputs: tuple, targets: torch.Tensor | None = None, *, steps: int = 5,
+            warmup: int = 2, loss: Callable | None = None) -> dict:
+    """Time ``steps`` training steps of each backward mode on the same module, under
+    cross-entropy against ``targets`` or, for any other model, ``loss(output)``."""
+    device = next(lbi.parameters()).device
 
     def loss_of(out):
+        if loss is not None:
+            return loss(out)
         return F.cross_entropy(out.flatten(0, 1).float(), targets.flatten())
 
     def step():
@@ -143,7 +157,8 @@ def measure(lbi, inputs: tuple, targets: torch.Tensor, *, steps: int = 5, warmup
     a_fwd, a_bwd, _ = timed("autograd")
     s_fwd, s_bwd, ph = timed("scan")
     K, r = lbi.num_regions, max(lbi.ranks)
-    B = targets.shape[0]
+    B = next(x for x in tree_leaves(inputs) if isinstance(x, torch.Tensor)).shape[0]
+    rows = lbi.segments.count if getattr(lbi, "segments", None) is not None else 1
     J = torch.randn(B, K - 1, r, r, device=device, dtype=next(lbi.parameters()).dtype) / r**0.5
     for _ in range(3):
         suffix_scan(J, lbi.scan_backend)
@@ -176,7 +191,10 @@ def measure(lbi, inputs: tuple, targets: torch.Tensor, *, steps: int = 5, warmup
     return {
         "strategy": strategy,
         "regions": K,
-        "rank": r,
+        "rank": r,  # scalars per sample crossing a boundary: the side w of J_k
+        "rank_per_segment": r // rows,
+        "segments": rows,
+        "width": describe_width(r // rows, rows),
         "batch": B,
         "autograd_forward_s": med(a_fwd),
         "autograd_backward_s": med(a_bwd),
@@ -205,17 +223,18 @@ def measure(lbi, inputs: tuple, targets: torch.Tensor, *, steps: int = 5, warmup
 def format_report(m: dict) -> str:
     ms = lambda s: f"{s * 1e3:.2f} ms"  # noqa: E731
     lines = [
-        f"lbi-fx bench step: {m['regions']} regions, r={m['rank']}, batch {m['batch']}, "
-        f"jacobian={m['strategy']}, {m['device']}, {m['threads']} thread(s)",
+        f"lbi-fx bench step: {m.get('model', 'model')}, {m['regions']} regions, interfaces of "
+        f"{m['width']} (w = {m['rank']}), batch {m['batch']}, jacobian={m['strategy']}, "
+        f"{m['device']}, {m['threads']} thread(s)",
         f"  forward        autograd {ms(m['autograd_forward_s'])}   lbi {ms(m['lbi_forward_s'])}",
         f"  backward       autograd {ms(m['autograd_backward_s'])}   lbi {ms(m['lbi_backward_s'])}",
         "  lbi backward phases:",
         "    phase 1 J_k   " + ", ".join(ms(t) for t in m["jacobian_s"]),
         f"    phase 2 seed  {ms(m['seed_s'])}   scan {ms(m['scan_s'])}",
         "    phase 3 local " + ", ".join(ms(t) for t in m["local_s"]),
-        "  eta = T_J / (r T_fwd_region): " + f"{m['eta']:.2f}  (per region: "
+        "  eta = T_J / (w T_fwd_region): " + f"{m['eta']:.2f}  (per region: "
         + ", ".join(f"{e:.2f}" for e in m["eta_per_region"]) + ")",
-        f"  step ratio lbi / autograd: {m['step_ratio']:.2f}x   (work bound (r+3)/3 = "
+        f"  step ratio lbi / autograd: {m['step_ratio']:.2f}x   (work bound (w+3)/3 = "
         f"{m['work_bound']:.2f}x)",
         f"  scan share of the lbi backward: {100 * m['scan_share']:.2f}%",
         f"  peak memory: autograd {m['peak_memory_autograd'] / 2**20:.2f} MiB, lbi "
@@ -228,13 +247,20 @@ def format_report(m: dict) -> str:
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The flags of ``lbi-fx bench step``."""
-    ap.add_argument("--model", default="transformer", choices=MODELS,
-                    help="example model from lbi_fx.models (default transformer)")
-    ap.add_argument("--rank", type=int, default=16, help="interface rank r (default 16)")
+    ap.add_argument("--model", default="transformer", type=_model_spec,
+                    metavar="{" + ",".join(MODELS) + "} or pkg.module:factory",
+                    help="an example model from lbi_fx.models, sized by --layers, --width, "
+                         "--batch, --seq (default transformer), or any factory returning "
+                         "(model, example_inputs), sized by --factory-kw")
+    add_factory_kw(ap)
+    ap.add_argument("--regions", default=None,
+                    help="region spec, e.g. 'layers:2' or 'a,b;c,d' (default: groups of "
+                         "--region-size children of 'layers')")
+    ap.add_argument("--rank", type=int, default=16, help="interface rank r per row (default 16)")
     ap.add_argument("--pool", default="auto", choices=["auto", "causal", "mean", "last"],
                     help="interface pool (default auto: causal for these causal LMs, S = 4 "
-                         "segments of RANK scalars, so J is (4 RANK)^2; mean: the paper's one "
-                         "row of RANK)")
+                         "segments of RANK scalars, so w = 4 RANK and J is w x w; mean: the "
+                         "paper's one row, w = RANK)")
     ap.add_argument("--segment-len", type=int, default=None,
                     help="positions per causal segment (default seq / 4)")
     ap.add_argument("--jacobian", default="auto", choices=list(STRATEGIES),
@@ -263,18 +289,28 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model, (idx,), extra = _build(args.model, args.layers, args.width, args.batch, args.seq)
+    if ":" in args.model:  # any factory: its own sizes (--factory-kw), its own inputs
+        from lbi_fx.factory import load_factory, parse_factory_kw
+        from lbi_fx.models.mamba2 import leaf_modules
+
+        model, inputs = load_factory(args.model, parse_factory_kw(args.factory_kw))
+        extra = {"leaf_modules": leaf_modules(model)}
+    else:
+        model, inputs, extra = _build(args.model, args.layers, args.width, args.batch, args.seq)
     model = model.to(device)
-    idx = idx.to(device)
-    lbi = lbi_fx.transform(model, lbi_fx.every(args.region_size, "layers"), rank=args.rank,
-                           example_inputs=(idx,), jacobian=args.jacobian, chunk=args.chunk,
+    inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
+    regions = args.regions or lbi_fx.every(args.region_size, "layers")
+    lbi = lbi_fx.transform(model, regions, rank=args.rank,
+                           example_inputs=inputs, jacobian=args.jacobian, chunk=args.chunk,
                            pool=args.pool, segment_len=args.segment_len, **extra)
-    vocab = lbi(idx).shape[-1]
-    targets = torch.randint(0, vocab, idx.shape, device=device)
-    result = measure(lbi, (idx,), targets, steps=args.steps)
+    from lbi_fx.factory import training_loss
+
+    with torch.no_grad():
+        out = lbi(*inputs)
+    loss = training_loss(out, inputs, torch.Generator().manual_seed(0))
+    result = measure(lbi, inputs, steps=args.steps, loss=loss)
     result["model"] = args.model
     result["pool"] = lbi.pool
-    result["segments"] = lbi.segments.count if lbi.segments is not None else 1
     print(json.dumps(result) if args.json else format_report(result))
     return 0
 

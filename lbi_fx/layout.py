@@ -1,0 +1,133 @@
+"""The interface layout a set of LBI weights only makes sense in, and its record in state dicts.
+
+Two models with other pools (``"mean"``/``"last"``/``"causal"``) or other segment layouts
+have parameters of the same names and shapes, so ``load_state_dict`` and a checkpoint's
+shape check alone accept the weights of one into the other; the logits then differ. The
+layout is therefore recorded beside the weights and compared before they are used:
+
+* :mod:`lbi_fx.checkpoint` writes :func:`lbi_layout` into ``lbi_meta.json``;
+* :class:`InterfaceDict` (the ``lbi`` container of every rewritten model) puts
+  :func:`interface_layout` into ``state_dict()`` as ``lbi._extra_state`` and refuses, on
+  ``load_state_dict``, a record that differs. Only the ``lbi.*`` keys, lbi-fx's own,
+  change; the user's modules keep their keys. A state dict without the record (saved
+  before lbi-fx wrote one) still loads, with a warning that the layout went unchecked.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torch import nn
+
+from lbi_fx.errors import CheckpointError
+
+RECORD = 1  # version of the extra-state record
+
+
+def _kind(module: nn.Module) -> str | None:
+    """``"linear"`` or ``"mlp"``: the ``kind`` an interface module's network was built with."""
+    net = getattr(module, "net", None)
+    if net is None:
+        return None
+    return "linear" if isinstance(net, nn.Linear) else "mlp"
+
+
+def interface_layout(container: nn.Module) -> dict[str, Any]:
+    """Pool, segment layout, encoder kind and encoder ranks, read off the interface modules
+    themselves (so it describes the weights, whatever attributes the model carries)."""
+    from lbi_fx.interfaces import InterfaceEncoder
+
+    pools, segs, kinds, ranks = set(), set(), set(), {}
+    for name, mod in container.named_children():
+        seg = getattr(mod, "segments", None)
+        segs.add(None if seg is None else (seg.count, seg.length, seg.max_len))
+        kind = _kind(mod)
+        if kind is not None:
+            kinds.add(kind)
+        if isinstance(mod, InterfaceEncoder):
+            pools.add(mod.pool)
+            ranks[name] = [mod.in_rank, mod.rank]
+
+    def one(values: set):
+        return next(iter(values)) if len(values) == 1 else sorted(values, key=repr) or None
+
+    seg = one(segs)
+    return {"pool": one(pools),
+            "segments": None if seg is None else dict(zip(("count", "length", "max_len"), seg)),
+            "encoder": one(kinds), "ranks": ranks}
+
+
+def lbi_layout(lbi: nn.Module) -> dict[str, Any]:
+    """:func:`interface_layout` of ``lbi.lbi`` plus the model's per-row interface ranks."""
+    out = interface_layout(getattr(lbi, "lbi", nn.Module()))
+    out["rank_per_row"] = list(getattr(lbi, "rank_per_row", getattr(lbi, "ranks", [])))
+    return out
+
+
+FIELDS = {"pool": "pool", "segments": "segment layout", "encoder": "encoder kind",
+          "ranks": "interface ranks", "rank_per_row": "interface ranks per row"}
+
+
+def _show(field: str, value: Any) -> str:
+    if field == "segments":
+        return ("none (no causal segments)" if value is None else
+                f"{value['count']} segments of {value['length']} positions, max_len "
+                f"{value['max_len']}")
+    return repr(value)
+
+
+def layout_mismatch(saved: dict, now: dict, source: str = "the state dict has") -> str | None:
+    """The first field that differs, with both values, in :data:`FIELDS` order; fields
+    one side lacks (an older record) are skipped."""
+    for key, label in FIELDS.items():
+        if key in saved and key in now and saved[key] != now[key]:
+            return (f"{label}: {source} {_show(key, saved[key])}, this model "
+                    f"{_show(key, now[key])}")
+    return None
+
+
+def rebuild_hint(saved: dict) -> str:
+    """What to do about a layout mismatch: the transform arguments the saved layout needs."""
+    seg = saved.get("segments")
+    how = f"pool={saved.get('pool')!r}"
+    if seg:
+        how += f", segment_len={seg['length']}, max_len={seg['max_len']}"
+    if isinstance(saved.get("encoder"), str):
+        how += f", encoder={saved['encoder']!r}"
+    return f"rebuild the model with lbi_fx.transform(..., {how}) and the saved ranks, then load"
+
+
+class InterfaceDict(nn.ModuleDict):
+    """The ModuleDict of interface modules (``lbi.lbi``); its state dict entry
+    ``lbi._extra_state`` records :func:`interface_layout`, checked on load.
+
+    The check runs when ``load_state_dict`` reaches ``lbi`` (the last child), so a refused
+    load has already copied the user's modules, as torch's own shape errors do: reload or
+    rebuild the model before using it."""
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"lbi_layout": RECORD, **interface_layout(self)}
+
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, dict) or "lbi_layout" not in state:
+            raise CheckpointError(
+                f"the state dict's lbi._extra_state is {type(state).__name__}, not an lbi-fx "
+                "layout record: load a state dict saved from an lbi_fx.transform model")
+        problem = layout_mismatch(state, interface_layout(self))
+        if problem:
+            raise CheckpointError(
+                f"state dict does not fit this model's interfaces: {problem}; {rebuild_hint(state)} "
+                "(or drop 'lbi._extra_state' from the state dict to load into another layout "
+                "on purpose)")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        key = prefix + "_extra_state"
+        if key not in state_dict and key in missing_keys:  # saved before the record existed
+            missing_keys.remove(key)
+            warnings.warn(f"lbi-fx: the state dict has no {key} (saved before lbi-fx recorded "
+                          "interface layouts): its pool, segment layout and encoder kind are "
+                          "not checked against this model", stacklevel=4)

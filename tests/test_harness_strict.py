@@ -1,0 +1,196 @@
+"""A strict harness: gradient_parity judges every tensor, not one global number; ``ok`` and
+``assert_close`` agree; the printed report says what was judged. State dicts carry the
+interface layout, so weights of another pool / segment layout / encoder are refused."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import lbi_fx
+from lbi_fx.errors import CheckpointError
+from lbi_fx.models.transformer import build
+from lbi_fx.testing import gradient_parity
+
+SMALL = "layers.0.attn.c_attn.bias"  # ~2e-5 of the gradient norm under the default loss
+
+
+def _gpt(dtype: torch.dtype = torch.float32, **kw):
+    torch.manual_seed(0)  # interface modules draw from the global RNG
+    model, (idx,) = build(n_layer=2, n_embd=16, n_head=2, batch=2, seq=8, seed=0)
+    lbi = lbi_fx.transform(model.to(dtype), lbi_fx.every(1, "layers"), rank=4,
+                           example_inputs=(idx,), **kw)
+    return lbi, idx
+
+
+@pytest.fixture(scope="module")
+def gpts():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {dt: _gpt(dt) for dt in (torch.float32, torch.float64)}
+
+
+def _off(lbi, name: str, factor: float):
+    """The autograd reference of ``name`` scaled by 1 / factor: scan is then ``factor - 1``
+    off it. (The reference side, because a parameter hook also fires inside the scan's
+    own VJPs.)"""
+    p = dict(lbi.named_parameters())[name]
+    return p.register_hook(lambda g: g / factor if lbi.backward == "autograd" else None)
+
+
+@pytest.mark.parametrize("name, rtol", [(SMALL, None), ("layers.0.ln_2.bias", 1e-6)])
+def test_small_tensor_35_percent_wrong_is_caught(gpts, name, rtol):
+    """One small tensor 35% wrong: the global rel-l2 stays within rtol (the old verdict),
+    the per-tensor check fails it by >10x."""
+    lbi, idx = gpts[torch.float32]
+    h = _off(lbi, name, 1.35)
+    try:
+        report = gradient_parity(lbi, (idx,), rel_l2=rtol)  # the old name of rtol
+    finally:
+        h.remove()
+    tol = report.tol_rel_l2
+    assert report.rel_l2 <= tol, f"global {report.rel_l2:.2e}"  # a global-only check passes
+    assert not report.ok, str(report)
+    with pytest.raises(AssertionError, match=rf"tensor\(s\) over rtol.*{name}"):
+        report.assert_close()
+    assert tol == (1e-5 if rtol is None else rtol)
+    bad = next(t for t in report.tensors if t.name == name)
+    numbers = f"global rel_l2 {report.rel_l2:.2e}, {name} rel {bad.rel:.2e}, rtol {tol:.0e}"
+    assert bad.rel > 10 * tol, numbers          # the per-tensor check fails it by >10x
+    assert abs(bad.plain_rel - 0.35) < 1e-4 and report.worst[0][0] == name, numbers
+
+
+class _ZeroUnderScan(torch.nn.Module):
+    """Stands in for an LBI module whose scan gives an unused parameter a zero gradient
+    where autograd gives it none."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.spare = torch.nn.Linear(4, 3).double(), torch.nn.Parameter(torch.ones(2))
+        self.backward = "scan"
+
+    def lbi_verify(self, **_):
+        raise NotImplementedError
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y + 0 * self.spare.sum() if self.backward == "scan" else y
+
+
+def test_none_vs_zero_gradient_fails():
+    report = gradient_parity(_ZeroUnderScan(), (torch.randn(5, 4, dtype=torch.float64),))
+    assert report.extra == ["spare"] and report.rel_l2 == 0, report
+    assert not report.complete and not report.ok
+    assert "no grad under autograd: ['spare']" in str(report)
+    with pytest.raises(AssertionError, match="a scan gradient but none under autograd"):
+        report.assert_close()
+
+
+def _reports(gpts) -> dict:
+    out = {}
+    for dt, (lbi, idx) in gpts.items():
+        out[f"{dt} clean"] = gradient_parity(lbi, (idx,))
+        for factor in (1 + 1e-8, 1 + 3e-6, 1.35):  # fp64 rounding < 1e-8 < fp32 tolerance
+            h = _off(lbi, "layers.1.mlp.c_fc.weight", factor)
+            try:
+                out[f"{dt} x{factor}"] = gradient_parity(lbi, (idx,))
+            finally:
+                h.remove()
+    return out
+
+
+def test_ok_agrees_with_assert_close(gpts):
+    reports = _reports(gpts)
+    verdicts = {}
+    for key, r in reports.items():
+        try:
+            r.assert_close()
+            raised = False
+        except AssertionError:
+            raised = True
+        assert r.ok == (not raised), (key, str(r))
+        verdicts[key] = r.ok
+    # dtype defaults: fp64 1e-10 catches a 1e-8 error, fp32 1e-5 lets it through
+    assert verdicts == {"torch.float32 clean": True, "torch.float32 x1.00000001": True,
+                        "torch.float32 x1.000003": True, "torch.float32 x1.35": False,
+                        "torch.float64 clean": True, "torch.float64 x1.00000001": False,
+                        "torch.float64 x1.000003": False, "torch.float64 x1.35": False}, verdicts
+    r = reports["torch.float64 x1.00000001"]
+    assert (r.tol_rel_l2, r.dtype) == (1e-10, "float64")
+    r.assert_close(rel_l2=1e-6)  # explicit tolerances still override
+    r.assert_close(rtol=1e-6)
+    assert reports["torch.float32 clean"].tol_rel_l2 == 1e-5
+    lbi, idx = gpts[torch.float64]
+    assert gradient_parity(lbi, (idx,), rtol=1e-6, cosine=0.5).tol_rel_l2 == 1e-6
+
+
+def test_report_prints_verdict_tolerances_losses_and_worst(gpts):
+    lbi, idx = gpts[torch.float32]
+    h = _off(lbi, SMALL, 1.35)
+    try:
+        report = gradient_parity(lbi, (idx,))
+    finally:
+        h.remove()
+    text = str(report)
+    assert "ok=False" in text and "rtol 1.0e-05" in text and "cosine >= 0.999999" in text, text
+    assert f"autograd {report.loss!r}, scan {report.loss_scan!r}" in text, text
+    assert f"rel_l2 {report.rel_l2:.3e}" in text and f"{SMALL} {report.tensor_rel:.2e}" in text
+    assert "ok=True" in str(gradient_parity(lbi, (idx,)))
+
+
+# -- state dicts carry the interface layout ------------------------------------------------
+
+def _lm(**kw):
+    torch.manual_seed(0)
+    model, (idx,) = build(n_layer=2, n_embd=16, n_head=2, block_size=32, batch=2, seq=32, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lbi_fx.CausalityWarning)
+        return lbi_fx.transform(model, [["layers.0"], ["layers.1"]], rank=4,
+                                example_inputs=(idx,), jacobian="reuse", **kw)
+
+
+@pytest.fixture(scope="module")
+def layouts():
+    return {"causal16": _lm(pool="causal", segment_len=16),
+            "causal8": _lm(pool="causal", segment_len=8),
+            "mean": _lm(pool="mean"), "last": _lm(pool="last"),
+            "linear": _lm(pool="causal", segment_len=16, encoder="linear")}
+
+
+@pytest.mark.parametrize("into, field, saved, now", [
+    ("causal8", "segment layout", "2 segments of 16 positions, max_len 32",
+     "4 segments of 8 positions, max_len 32"),
+    ("mean", "pool", "'causal'", "'mean'"),
+    ("linear", "encoder kind", "'mlp'", "'linear'"),
+])
+def test_state_dict_of_another_layout_is_refused(layouts, into, field, saved, now):
+    sd = layouts["causal16"].state_dict()
+    user = {k for k in sd if not k.startswith("lbi.")}
+    assert user == {k for k in layouts["mean"].state_dict() if not k.startswith("lbi.")}
+    with pytest.raises(CheckpointError, match=(f"{field}: the state dict has {saved}, this "
+                                               f"model {now}.*pool='causal', segment_len=16")):
+        layouts[into].load_state_dict(sd)
+
+
+def test_same_shapes_other_pool_refused_and_same_layout_loads(layouts):
+    """mean and last have identical tensors: only the record tells them apart."""
+    sd = layouts["mean"].state_dict()
+    assert {k: v.shape for k, v in sd.items() if torch.is_tensor(v)} == {
+        k: v.shape for k, v in layouts["last"].state_dict().items() if torch.is_tensor(v)}
+    with pytest.raises(CheckpointError, match="pool: the state dict has 'mean', this model 'last'"):
+        layouts["last"].load_state_dict(sd)
+    fresh = _lm(pool="causal", segment_len=16)
+    fresh.load_state_dict(layouts["causal16"].state_dict())
+    x = torch.randint(0, 256, (2, 32))
+    torch.testing.assert_close(fresh(x), layouts["causal16"](x), rtol=0, atol=0)
+
+
+def test_state_dict_without_a_record_loads_with_a_warning(layouts):
+    """State dicts saved before the record existed still load (strict), and say so."""
+    sd = layouts["causal16"].state_dict()
+    assert sd["lbi._extra_state"]["pool"] == "causal"
+    del sd["lbi._extra_state"]
+    with pytest.warns(UserWarning, match="not checked"):
+        _lm(pool="causal", segment_len=16).load_state_dict(sd)
