@@ -198,7 +198,10 @@ def choose_pool(a, pool: str, *, segment_len: int | None = None, max_len: int | 
                          "takes neither")
     causal, leak, why = probe_causal(a.gm, a.example_inputs, **graph_axes(a.gm))
     canvas_node = find_canvas(a.gm, canvas)
-    problem = causal_layout_problem(canvas_node, crossing_sets(a.gm, a.num_regions))
+    crossings = crossing_sets(a.gm, a.num_regions)
+    problem = causal_layout_problem(canvas_node, crossings)
+    if problem is None and causal and pool in ("auto", "causal"):
+        problem = _noncausal_crossing(a, crossings)
     if pool == "auto":
         pool = "causal" if causal and problem is None else "mean"
         if causal and problem is not None:
@@ -228,6 +231,46 @@ def choose_pool(a, pool: str, *, segment_len: int | None = None, max_len: int | 
         segments = Segments.make(length if max_len is None else max_len, segment_len)
         segments.check(length)
     return PoolChoice(pool, segments, causal, leak)
+
+
+def _noncausal_crossing(a, crossings: dict) -> str | None:
+    """A tensor the interfaces will pool that reads later positions, in a model whose
+    outputs do not (its value reaches no output, e.g. a block after the one the model
+    returns): pooled into m_k, it would carry the future into every later region. The
+    captured graph is probed with those tensors as its outputs; None when all are causal."""
+    import torch.fx as fx
+    from torch.utils import _pytree as pytree
+
+    from lbi_fx.causality import probe_causal
+    from lbi_fx.passes.capture import MODULE_KEY
+    from lbi_fx.passes.insert_interfaces import sequence_axis
+    from lbi_fx.passes.seq_axes import SEQ_INPUTS_KEY
+
+    nodes = list(dict.fromkeys(n for k in sorted(crossings) for n in crossings[k]))
+    leaves = pytree.tree_leaves(list(a.example_inputs))
+    flags = a.gm.meta.get(SEQ_INPUTS_KEY)
+    seq = {} if flags is None else {"seq_inputs": list(flags)}
+
+    def probe(outs: list) -> tuple:
+        g, env = fx.Graph(), {}
+        g.graph_copy(a.gm.graph, env)
+        g.output(tuple(env[n] for n in outs))
+        return probe_causal(fx.GraphModule(a.gm, g, "Crossings"), leaves,
+                            output_axes=[sequence_axis(n) for n in outs], **seq)
+
+    if not nodes or probe(nodes)[0] is not False:
+        return None
+    for n in nodes:  # name the first that leaks
+        causal, leak, _ = probe([n])
+        if causal is False:
+            return (f"{n.name} ({n.meta.get(MODULE_KEY) or '<top level>'}) crosses a region "
+                    f"boundary and reads later positions (leak {leak:.1e}), though no output "
+                    "of the model depends on it: an interface pooling it would carry the "
+                    "future into every later region. Make that op causal, or take "
+                    "pool='mean' knowingly")
+    return ("tensors crossing region boundaries together read later positions though no "
+            "output of the model depends on them; make those ops causal, or take "
+            "pool='mean' knowingly")
 
 
 def _has_sequence(canvas_node) -> bool:

@@ -21,9 +21,8 @@ from torch import nn
 from lbi_fx.errors import InputError, TraceError
 
 from .follow_mode import ModeMismatch, fixed_mode_ops, follow_mode
-from .meta_keys import CAPTURE_KEY, MODE_KEY, MODE_PROBLEM_KEY, MODULE_KEY
-
-SIGNATURE_KEY = "lbi_signature"  # graph meta: the exported forward's parameters (see record_signature)
+from .meta_keys import CAPTURE_KEY, MODE_KEY, MODE_PROBLEM_KEY, MODULE_KEY, SIGNATURE_KEY
+from .vmappable_sizes import vmappable_sizes
 
 
 class CaptureWarning(UserWarning):
@@ -177,28 +176,6 @@ def record_signature(gm: fx.GraphModule, model: nn.Module, example_inputs: Seque
 # export's explicit size reads, as tensor methods: ``aten.sym_size.int`` and friends have no
 # vmap batching rule, so ``jacobian="recompute"`` (regions rerun under vmap) would fail on
 # an exported graph where the model's own code (``x.shape[0]``) vmaps fine
-_SIZE_OPS = {"sym_size.int": "size", "sym_numel.default": "numel",
-             "sym_stride.int": "stride", "sym_storage_offset.default": "storage_offset"}
-
-
-def vmappable_sizes(gm: fx.GraphModule) -> fx.GraphModule:
-    """Replace ``aten.sym_size.int(x, d)`` (and numel, stride) with ``x.size(d)``: the same
-    value in eager mode, and under ``vmap`` the per-sample size the model's code meant."""
-    changed = False
-    for node in list(gm.graph.nodes):
-        name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
-        method = _SIZE_OPS.get(name) if str(node.target).startswith("aten.sym_") else None
-        if method is None:
-            continue
-        with gm.graph.inserting_after(node):
-            new = gm.graph.call_method(method, node.args, node.kwargs)
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        changed = True
-    if changed:
-        gm.recompile()
-    return gm
 
 
 def is_hf_pretrained(model: nn.Module) -> bool:

@@ -5,3 +5,4 @@ MODULE_KEY = "lbi_module"  # node meta: dotted path of the innermost module it c
 CAPTURE_KEY = "lbi_capture"  # graph meta: how the graph was captured
 MODE_KEY = "lbi_mode_switch"  # node meta: the ModeSwitch module a node calls
 MODE_PROBLEM_KEY = "lbi_mode_problem"  # graph meta: why the capture cannot follow .train()/.eval()
+SIGNATURE_KEY = "lbi_signature"  # graph meta: an exported forward's parameters (record_signature)

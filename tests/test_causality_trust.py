@@ -282,3 +282,23 @@ def test_a_single_causal_segment_is_refused_by_name(segment_len):
     with pytest.raises(lbi_fx.InputError, match="single causal segment"):
         lbi_fx.transform(model, lbi_fx.every(2, "layers"), rank=4, example_inputs=(idx,),
                          pool="causal", segment_len=segment_len)
+
+
+def test_a_non_causal_block_no_output_reads_is_named_not_called_a_bug():
+    """Found by the long fuzz: block 1 means over the sequence but the model returns block
+    0's output, so the model is causal; the interfaces would still pool block 1's output.
+    auto keeps the mean pool with a warning naming it; pool='causal' refuses by name (it
+    was an InternalError blaming lbi-fx)."""
+    from tests import fuzz_models as fm
+
+    B = fm.BlockGenome
+    genome = fm.ModelGenome(
+        blocks=(B(("linear",), residual=False), B(("mean", "linear"), residual=False, reduce_dim=1),
+                B(("linear",), residual=False)),
+        d=4, seq=3, batch=1, embed=False, untraceable=True, outputs=(0,))
+    model, inputs = fm.build(genome)
+    with pytest.warns(lbi_fx.CausalityWarning, match=r"blocks\.1.*reads later positions"):
+        lbi = lbi_fx.transform(model, lbi_fx.every(1, "blocks"), 3, example_inputs=inputs)
+    assert lbi.pool == "mean"
+    with pytest.raises(lbi_fx.RewriteError, match=r"blocks\.1.*reads later positions"):
+        lbi_fx.transform(model, lbi_fx.every(1, "blocks"), 3, example_inputs=inputs, pool="causal")

@@ -602,6 +602,7 @@ def test_fuzz_endpoint_exact_and_stages_local(genome, data):
     from hypothesis import assume
 
     model, inputs = fm.build(genome)
+    model.eval()  # dropout off: the property compares runs that draw no common masks
     assume(_accepts(model, inputs))
     n = len(genome.blocks)
     params = list(model.parameters())
@@ -623,6 +624,9 @@ def test_fuzz_endpoint_exact_and_stages_local(genome, data):
     owned = _owned(report)
     names = [n for n, _ in spl.named_parameters()]
     _, losses = spl.stage_loss(inputs, default_loss)
+    # a stage that computes nothing (its output is its input) gets a head that trains
+    # nothing: the known bug of test_identity_stage_head_trains_the_head (strict xfail)
+    assume(all(loss.requires_grad for loss in losses))
     for j, loss in enumerate(losses):
         for name, g in zip(names, grads(loss, [p for _, p in spl.named_parameters()])):
             if name in owned and owned[name] != j:
@@ -680,3 +684,21 @@ def test_spl_command_help_lists_its_flags(capsys):
     text = capsys.readouterr().out
     for flag in ("--quick", "--json", "--plot", "--compositions", "--lbi", "--heads"):
         assert flag in text
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a stage whose output is its input (a block that only computes dead code) has its head "
+    "evaluated in the stage before, and the relay then detaches the head's output: loss k "
+    "trains no head parameter, where the per-stage head should read the relayed input"))
+def test_identity_stage_head_trains_the_head():
+    """Found by the SPL fuzz (2026-12-02): composition (1, 1) over a linear block and a
+    block that returns its input."""
+    B = fm.BlockGenome
+    genome = fm.ModelGenome(blocks=(B(("linear",), residual=False), B(("dead",), residual=False)),
+                            d=4, batch=1, embed=False)
+    model, inputs = fm.build(genome)
+    spl = spl_of(model, inputs, lbi_fx.composition((1, 1), "blocks"))
+    _, losses = spl.stage_loss(inputs, default_loss)
+    head = [p for n, p in spl.named_parameters() if n.startswith("heads.0")]
+    g = torch.autograd.grad(losses[1], head, allow_unused=True)
+    assert all(x is not None and float(x.abs().sum()) > 0 for x in g)
