@@ -23,7 +23,7 @@ from lbi_fx.errors import BatchMixingError, InputError, LBIError
 from lbi_fx.passes.build_backward import build_backward_graph
 from lbi_fx.passes.capture import MODE_PROBLEM_KEY, SIGNATURE_KEY
 from lbi_fx.passes.split_places import Programs
-from lbi_fx.report import SeparatorReport
+from lbi_fx.report import SeparatorReport, describe_width
 from lbi_fx.runtime import STRATEGIES, ChainState, LBIChain, RegionCache, RngSnapshot
 
 BACKWARD_MODES = ("scan", "autograd")
@@ -599,9 +599,11 @@ class LBIModule(nn.Module):
                 unsupported=dict(choices.unsupported.get(k, {}))))
         pool = getattr(self, "pool", "?")
         segs = getattr(self, "segments", None)
-        header = (f"LBIModule: {self.num_regions} regions, interface widths {self.ranks} "
-                  f"(scalars per sample), pool {pool}"
-                  + (f" ({segs.count} causal segments)" if segs is not None else "")
+        rows_per = segs.count if segs is not None else 1
+        width = describe_width(getattr(self, "rank_per_row", None)
+                               or [w // rows_per for w in self.ranks], rows_per)
+        header = (f"LBIModule: {self.num_regions} regions, interfaces of {width} per sample, "
+                  f"pool {pool}"
                   + f", jacobian={self.jacobian!r}, scan backend {self.scan_backend!r}"
                   + (" (auto: triton on CUDA, else the sequential or chunked torch scan by "
                      "shape)" if self.scan_backend == "auto" else ""))

@@ -173,7 +173,8 @@ def test_explain_lists_every_region():
         (0, ["blocks.0"], 3, 3), (1, ["blocks.1"], 3, 4), (2, ["blocks.2"], 4, None)]
     assert [(r.jacobian, r.why, r.vjps) for r in rows[:2]] == [("recompute", "asked", "-")] * 2
     text = str(rows)
-    assert text.startswith("LBIModule: 3 regions, interface widths [3, 4]") and "scan backend" in text
+    assert text.startswith("LBIModule: 3 regions, interfaces of rank [3, 4] x 1 segment = "
+                           "[3, 4] scalars per sample") and "scan backend" in text
     auto = tf(net()).explain()
     assert all("picked by auto's probe: forward" in r.why and " ms" in r.why for r in auto[:2])
     assert all(r.vjps in ("batched", "per-row", "-") for r in auto)
