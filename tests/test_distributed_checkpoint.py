@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.test_harness_strict import _lm  # K = 2, rank 4, seq 32: layout variants
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -271,17 +273,6 @@ def world1():
     dist.destroy_process_group()
 
 
-def _lm(**kw):
-    """K = 2, rank 4, sequence 32: pool/segment variants with the same tensor shapes."""
-    import lbi_fx
-    from lbi_fx.models.transformer import build
-
-    torch.manual_seed(0)
-    model, (idx,) = build(n_layer=2, n_embd=16, n_head=2, block_size=32, batch=2, seq=32, seed=3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", lbi_fx.CausalityWarning)
-        return lbi_fx.transform(model, [["layers.0"], ["layers.1"]], rank=4,
-                                example_inputs=(idx,), jacobian="reuse", **kw)
 
 
 def _one(lbi, groups: int = 1):

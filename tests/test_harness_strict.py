@@ -143,6 +143,7 @@ def test_report_prints_verdict_tolerances_losses_and_worst(gpts):
 # -- state dicts carry the interface layout ------------------------------------------------
 
 def _lm(**kw):
+    """K = 2, rank 4, sequence 32: pool/segment variants with the same tensor shapes."""
     torch.manual_seed(0)
     model, (idx,) = build(n_layer=2, n_embd=16, n_head=2, block_size=32, batch=2, seq=32, seed=3)
     with warnings.catch_warnings():

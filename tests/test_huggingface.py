@@ -26,13 +26,7 @@ LLAMA_FP64 = dict(rel_l2=1e-10, cosine=1 - 1e-10)
 VOCAB = 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _quiet_transformers():
-    """Tiny vocabularies make transformers log about GPT-2's bos/eos ids; not our concern."""
-    level = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    yield
-    transformers.logging.set_verbosity(level)
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
 
 def _gpt2():

@@ -22,12 +22,7 @@ from tests.test_bad_inputs import net, x64
 VOCAB = 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _quiet_transformers():
-    level = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    yield
-    transformers.logging.set_verbosity(level)
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
 
 def _tokens(seed: int = 0, batch: int = 2, seq: int = 16) -> torch.Tensor:
@@ -46,8 +41,18 @@ def _ours(seen, category=lbi_fx.FallbackWarning) -> list:
     return [w for w in seen if issubclass(w.category, category)]
 
 
+
+def small_net():
+    """CLI factory: three blocks on (B, D) inputs, two interface Jacobians."""
+    return net(), (x64(),)
+
+
+# --------------------------------------------------------------------- 3. FallbackWarning
+
+
 def _oom_in_batched_vjps(monkeypatch) -> None:
-    """Batched VJPs raise CUDA out-of-memory; per-row VJPs work (a real fallback)."""
+    """Batched VJPs raise CUDA out-of-memory; per-row VJPs work (a real fallback). Defined
+    here, not imported: the warning must name this file's line as the caller."""
     real = torch.autograd.grad
 
     def grad(*args, **kwargs):
@@ -56,14 +61,6 @@ def _oom_in_batched_vjps(monkeypatch) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(torch.autograd, "grad", grad)
-
-
-def small_net():
-    """CLI factory: three blocks on (B, D) inputs, two interface Jacobians."""
-    return net(), (x64(),)
-
-
-# --------------------------------------------------------------------- 3. FallbackWarning
 
 def test_auto_on_cpu_attention_is_explained_not_warned():
     """CPU flash attention has no forward-mode rule: auto uses VJPs by design. No

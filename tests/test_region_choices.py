@@ -143,9 +143,8 @@ def test_batched_vjps_failing_where_asked_for_warn_once_per_model():
     assert str(lbi.explain()).count("fallback: batched VJPs") == 2
 
 
-def test_out_of_memory_in_batched_vjps_switches_to_rows_with_one_warning(monkeypatch):
-    """A RuntimeError in batched VJPs (here a simulated CUDA out-of-memory) moves the
-    region to per-row VJPs for good: said once, listed by explain(), still exact."""
+def oom_in_batched_vjps(monkeypatch) -> None:
+    """Batched VJPs raise CUDA out-of-memory; per-row VJPs work (a real fallback)."""
     real = torch.autograd.grad
 
     def grad(*args, **kwargs):
@@ -154,6 +153,12 @@ def test_out_of_memory_in_batched_vjps_switches_to_rows_with_one_warning(monkeyp
         return real(*args, **kwargs)
 
     monkeypatch.setattr(torch.autograd, "grad", grad)
+
+
+def test_out_of_memory_in_batched_vjps_switches_to_rows_with_one_warning(monkeypatch):
+    """A RuntimeError in batched VJPs (here a simulated CUDA out-of-memory) moves the
+    region to per-row VJPs for good: said once, listed by explain(), still exact."""
+    oom_in_batched_vjps(monkeypatch)
     lbi, said = _fallbacks(lambda: _transform(net(), jacobian="reuse"))
     assert lbi.region_choices.batched == {0: False, 1: False}
     assert len(said) == 1 and all("OutOfMemoryError: CUDA out of memory" in m
