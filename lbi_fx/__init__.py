@@ -60,7 +60,8 @@ __version__ = "0.1.0"
 # lbi_fx.models, ...) but imported on first use, so `import lbi_fx` stays cheap.
 SUBMODULES = frozenset({
     "api", "bench", "causality", "checkpoint", "cli", "data", "distributed", "errors",
-    "kernels", "models", "parity", "passes", "pgf", "quality", "regions", "report", "spl",
+    "kernels", "models", "parity", "passes", "pgf", "pipelining", "quality", "regions",
+    "report", "spl",
     "testing", "training",
 })
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from lbi_fx.analysis import analyze, normalize_rank, separator_report
 from lbi_fx.errors import InputError, RewriteError
-from lbi_fx.interfaces import DECODER_INITS, MIN_RANK, POOLS, Segments, rank_problem
+from lbi_fx.interfaces import DECODER_INITS, MIN_RANKS, NORMS, POOLS, Segments, rank_problem
 from lbi_fx.passes.shape_prop import output_tensor
 from lbi_fx.regions import RegionSpec
 from lbi_fx.report import SeparatorReport
@@ -64,11 +64,16 @@ def transform(
     scan_backend: str = "auto",
     check_finite: bool = False,
     decoder_init: str = "default",
+    interface_norm: str = "layer",
+    canvas_weights: str = "shared",
 ):
     """Rewrite ``model`` into a bounded-interface model whose backward is Algorithm 1.
 
     ``decoder_init="zero"`` starts every decoder at Dec_k(m) = 0, so each region begins
     as its dense self on the canvas and the interface only adds what training finds.
+    ``canvas_weights="per_region"`` gives every region k >= 1 its own copy of the prologue
+    weights its canvas is computed with (a tied head uses the last region's), so regions
+    on different ranks all-reduce no embedding gradient (``passes/per_region_canvas.py``).
 
     ``pool`` says how an interface summarises the sequence. Inputs carry it on axis 1
     (batch first); inside the model the graph says which axis of each tensor carries it
@@ -82,7 +87,8 @@ def transform(
     ``CausalityWarning`` when the probe cannot run); ``lbi.pool`` holds the choice.
     ``max_len`` defaults to the example inputs' sequence length, ``segment_len`` to
     ceil(max_len / 4). ``rank`` is per row and at least 3: the interface's LayerNorm
-    leaves r - 2 degrees of freedom.
+    leaves r - 2 degrees of freedom. ``interface_norm="rms"`` (RMSNorm, r - 1 left, rank
+    >= 2) or ``"none"`` (all r, rank >= 1) keep more of a small row.
 
     The result shares parameters with ``model`` (deep-copy the model first for an
     independent copy). Raises an ``LBIError`` subclass naming the culprit when the
@@ -97,6 +103,7 @@ def transform(
     from lbi_fx.passes.check_state import check_state_writes
     from lbi_fx.passes.insert_interfaces import insert_interfaces
     from lbi_fx.passes.mark_dynamic import mark_dynamic
+    from lbi_fx.passes.per_region_canvas import CANVAS_WEIGHTS, per_region_canvas
     from lbi_fx.passes.seq_axes import mark_seq_axes
     from lbi_fx.passes.shape_prop import propagate_shapes
     from lbi_fx.passes.split_places import split_places
@@ -106,14 +113,18 @@ def transform(
         raise InputError(f"jacobian={jacobian!r}: choose one of {', '.join(STRATEGIES)}")
     if decoder_init not in DECODER_INITS:
         raise InputError(f"decoder_init={decoder_init!r}: choose one of {', '.join(DECODER_INITS)}")
+    if canvas_weights not in CANVAS_WEIGHTS:
+        raise InputError(f"canvas_weights={canvas_weights!r}: choose one of {', '.join(CANVAS_WEIGHTS)}")
+    if interface_norm not in NORMS:
+        raise InputError(f"interface_norm={interface_norm!r}: choose one of {', '.join(NORMS)}")
     a = analyze(model, regions, example_inputs, leaf_modules=leaf_modules)
     K = a.num_regions
     ranks = normalize_rank(rank, K - 1)
     if ranks is None:
         raise InputError("rank= is required for transform (an int >= 3, or one per interface)")
     for k, r in enumerate(ranks):
-        if r < MIN_RANK:
-            raise InputError(f"rank {r} for interface {k + 1}: {rank_problem(r)}")
+        if r < MIN_RANKS[interface_norm]:
+            raise InputError(f"rank {r} for interface {k + 1}: {rank_problem(r, interface_norm)}")
     _check_float(a)
     check_batch_mixing(a.gm, K, a.batch)
     check_state_writes(a.gm, K)
@@ -131,8 +142,10 @@ def transform(
                 stacklevel=2)
     info = getattr(a.gm.graph._codegen, "pytree_info", None)
     plan = insert_interfaces(a.gm, K, ranks, encoder=encoder, pool=layout.pool, canvas=canvas,
-                             decoder_init=decoder_init,
+                             decoder_init=decoder_init, norm=interface_norm,
                              segments=layout.segments)
+    if canvas_weights == "per_region":
+        per_region_canvas(a.gm, K)
     propagate_shapes(a.gm, a.example_inputs)
     mark_dynamic(a.gm)
     report = separator_report(a.gm, a.regions, a.batch, rank=widths)
@@ -145,6 +158,7 @@ def transform(
                     chunk=chunk, scan_backend=scan_backend, check_finite=check_finite,
                     capture=a.gm.meta.get("lbi_capture", ""))
     lbi.canvas = plan.canvas
+    lbi.canvas_weights = canvas_weights
     lbi.pool = layout.pool
     lbi.rank_per_row = list(ranks)
     lbi.segments = layout.segments

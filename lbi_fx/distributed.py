@@ -1,4 +1,4 @@
-"""Region parallelism for LBI models, and a pipeline-parallel baseline for comparison.
+"""Region parallelism for LBI models.
 
 The K regions of an ``LBIModule`` are placed on the ranks of a process group in
 contiguous groups (:func:`placement`). One training step (:meth:`RegionParallel.step`):
@@ -19,7 +19,9 @@ backward  the last rank seeds: epilogue backward, then one VJP through region K-
           takes mbar_{k+1} = P_{k+1} mbar_{K-1}, runs its region-local VJPs, and sends the
           canvas / m_0 gradients back through its own copy of the prologue.
           Exchange 3: an all-reduce (sum) of the gradients of parameters used on more than
-          one rank (the prologue and embedding, a tied head, ...).
+          one rank (the prologue and embedding, a tied head, ...); none with
+          ``transform(..., canvas_weights="per_region")``, where each region has its own
+          copy of the canvas weights (``LBIModule.prologue_param_users`` says who uses what).
           No rank ever sends an activation or activation-gradient of the hidden size.
 
 Every rank runs its regions with the single-process runtime itself
@@ -42,9 +44,22 @@ the ranks that did not arrive and where they were last seen. Neither relies on t
 transport noticing a dead socket. After either error the process group is unusable: end
 the process (as ``torchrun`` does with a failed worker).
 
-:class:`Comm` wraps every send and collective and records its payload bytes per phase.
-:class:`PipelineBaseline` runs ordinary backprop over the same placement, sending the
-(B, L, D) hidden state forward and its gradient backward at every rank boundary.
+:class:`Comm` wraps every send and collective and records its payload bytes per phase;
+:func:`step_bytes` turns a step's records into its total and its parts by kind. The
+pipeline-parallel baseline is torch.distributed.pipelining itself (``lbi_fx.pipelining``).
+
+Micro-batches (``microbatches=M``): the step's rows are cut into M micro-batches that
+flow through the chain one after another, so rank j runs micro-batch i+1 (and builds its
+J_k for micro-batch i right after that forward, Algorithm 2) while rank j+1 runs i; the
+last rank seeds each micro-batch's backward as soon as its loss is known. The backward
+exchanges then carry every micro-batch at once (one all-gather or one relay message).
+
+Exchanges (``exchange=``): ``"allgather"`` as above (every rank gets every J_k: the
+backward needs no rank to wait for another beyond one collective); ``"relay"`` keeps the
+J_k on their rank and passes mbar back rank to rank instead: rank j receives mbar at its
+right boundary (B x r), turns it into mbar at each of its boundaries with its own suffix
+scan, and sends mbar at its left boundary on. The relay is sequential over ranks, but a
+hop costs a few r x r products, and its bytes are B x r per boundary, independent of K.
 
 Dropout: ranks draw their own RNG streams, so masks differ from a single-process run;
 gradients are still exact for the masks drawn (each region replays its own RNG state).
@@ -77,8 +92,9 @@ from lbi_fx.runtime import (
     region_local_vjp,
 )
 
-LBI_BACKWARD_PHASES = ("scan_allgather", "mbar_broadcast")
-PIPELINE_BACKWARD_PHASES = ("pipe_backward_grad",)
+LBI_BACKWARD_PHASES = ("scan_allgather", "mbar_broadcast", "mbar_relay")
+# how the backward's r-sized exchange runs (RegionParallel(exchange=...))
+EXCHANGES = ("allgather", "relay")
 # What a step is doing, in order: named by failure records and timeouts.
 STEP_PHASES = ("forward", "jacobian", "epilogue", "backward-seed", "scan-exchange", "scan",
                "local", "prologue-backward", "allreduce", "loss")
@@ -236,6 +252,41 @@ class CommRecord:
     numel: int
     bytes: int
     shape: tuple
+
+
+# What each phase's bytes are, for a step's account (``step_bytes``): "setup" is not part
+# of a training step (the initial parameter broadcast, pipelining's first-step shape vote).
+PHASE_KINDS = {
+    "forward_m": "activations", "mbar_broadcast": "activations", "mbar_relay": "activations",
+    "pipe_forward_act": "activations", "pipe_backward_grad": "activations",
+    "scan_allgather": "jacobians",
+    "grad_allreduce": "param_grads",
+    "dp_allreduce": "dp_grads",
+    "loss": "control",
+    "init_broadcast": "setup", "pipe_meta": "setup",
+}
+KINDS = ("activations", "jacobians", "param_grads", "dp_grads", "control")
+
+
+def step_bytes(totals: dict[str, int]) -> dict:
+    """A step's bytes from :meth:`Comm.totals` of that step: the total first, then by kind
+    (activations / interface, Jacobians, parameter-gradient reductions, data-parallel
+    reductions, control) and by phase. Setup traffic is reported apart, never in the
+    total. An unknown phase is an error here, so nothing sent goes uncounted."""
+    unknown = sorted(set(totals) - set(PHASE_KINDS))
+    if unknown:
+        raise DistributedError(f"phases {unknown} have no kind in PHASE_KINDS (a bug in lbi-fx: "
+                               "every exchange must be accounted for; please report it)")
+    kinds = {k: 0 for k in KINDS}
+    setup = 0
+    for phase, b in totals.items():
+        if PHASE_KINDS[phase] == "setup":
+            setup += b
+        else:
+            kinds[PHASE_KINDS[phase]] += b
+    return {"total": sum(kinds.values()), "by_kind": kinds,
+            "by_phase": {p: b for p, b in totals.items() if PHASE_KINDS[p] != "setup"},
+            "setup": setup}
 
 
 # ops whose payload differs per rank of the region group: summed over it in ``totals``
@@ -544,12 +595,18 @@ class RegionParallel:
     _instances = 0
 
     def __init__(self, lbi: nn.Module, group=None, *, mesh=None, timeout: float = 60.0,
-                 comm: Comm | None = None, sync_params: bool = True):
+                 comm: Comm | None = None, sync_params: bool = True, microbatches: int = 1,
+                 exchange: str = "allgather"):
         if not hasattr(lbi, "run_regions"):
             raise InputError(f"RegionParallel needs an LBIModule (lbi_fx.transform's result), "
                              f"got {type(lbi).__name__}")
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
             raise InputError(f"timeout={timeout!r}: seconds a rank waits for its peers, > 0")
+        if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
+            raise InputError(f"microbatches={microbatches!r}: micro-batches per step, an int >= 1")
+        if exchange not in EXCHANGES:
+            raise InputError(f"exchange={exchange!r}: choose one of {', '.join(EXCHANGES)}")
+        self.microbatches, self.exchange = microbatches, exchange
         self.lbi, self.mesh, self.timeout = lbi, mesh, float(timeout)
         self.K = lbi.num_regions
         self.dp_group, self.region_group = mesh_groups(mesh, group, self.K)
@@ -593,8 +650,14 @@ class RegionParallel:
         # insertion order (each program's parameters) lays out the flat buffers: the same
         # on every rank, so never iterate a set of ids here
         users: dict[int, set[int]] = {}
+        # a prologue parameter is used by the ranks whose regions (or epilogue) its outputs
+        # reach: with canvas_weights="per_region" region k's copy by k's rank alone
+        reach = self._prologue_reach(progs)
         for p in _trainable(progs["prologue"]):
-            users.setdefault(id(p), set()).update(range(self.world))
+            who = reach.get(names.get(id(p)))
+            ranks = (set(range(self.world)) if who is None else
+                     {self.last if k == "epilogue" else self.owner[k] for k in who})
+            users.setdefault(id(p), set()).update(ranks)
         for p in _trainable(progs["epilogue"]):
             users.setdefault(id(p), set()).add(self.last)
         for k, rgm in enumerate(progs["regions"]):
@@ -611,7 +674,18 @@ class RegionParallel:
         self.shared = [named[n] for n, u in self.users.items() if len(u) > 1 or n in late]
         self.used = sorted(n for n, u in self.users.items() if self.rank in u)
         # averaged over dp alone: the same list on every rank of this rank's dp group
-        self.own = [named[n] for n in self.used if len(self.users[n]) == 1 and n not in late]
+        own = [n for n in self.used if len(self.users[n]) == 1 and n not in late]
+        pro = {id(p) for p in _trainable(progs["prologue"])}
+        # final only after the prologue's backward: averaged over dp then, not before
+        self.own_late = [named[n] for n in own if id(named[n]) in pro]
+        self.own = [named[n] for n in own if id(named[n]) not in pro]
+
+    def _prologue_reach(self, progs) -> dict:
+        """``lbi.prologue_param_users()``, walked once per prologue program (the module
+        rebuilds it when parameters are replaced, frozen or unfrozen)."""
+        if getattr(self, "_reach_of", None) is not progs["prologue"]:
+            self._reach_of, self._reach = progs["prologue"], self.lbi.prologue_param_users()
+        return self._reach
 
     def _roles(self) -> dict[int, dict]:
         """Every rank's regions and dp replica, by global rank (for failure messages)."""
@@ -641,17 +715,57 @@ class RegionParallel:
                     "interface m_k may cross ranks")
 
     # forward ------------------------------------------------------------------------
-    def _forward(self, inputs: Sequence, loss_fn: Callable, prev: dict) -> dict:
-        """``prev`` is filled with the reduced parameters' earlier gradients
-        (:func:`_take_grads`); the forward itself touches no ``.grad``."""
-        lbi, comm, K, T, W = self.lbi, self.comm, self.K, _Timer(), self.watch
+    def _chunks(self, inputs: Sequence, loss_fn: Callable, target) -> list[tuple[tuple, Callable]]:
+        """The step's micro-batches: (inputs, loss) pairs whose losses, summed, are the
+        mean loss over the batch (each micro-batch's mean weighted by its share of rows)."""
+        M = self.microbatches
+        if target is None:
+            if M > 1:
+                raise InputError(
+                    f"microbatches={M}: pass the targets as step(inputs, loss_fn, target=...) "
+                    "and a loss_fn(output, target), so each micro-batch scores its own rows "
+                    "(as torch.distributed.pipelining's schedules take them)")
+            return [(tuple(inputs), loss_fn)]
+        rows = [t.shape[0] for t in pytree.tree_leaves((tuple(inputs), target))
+                if isinstance(t, torch.Tensor) and t.dim() > 0]
+        if not rows or len(set(rows)) != 1:
+            raise InputError(f"inputs and target must share their batch size on dim 0, got {rows}")
+        B = rows[0]
+        if B < M:
+            raise InputError(f"a batch of {B} rows does not fill microbatches={M}: use at most "
+                             f"{B} micro-batches")
+
+        def cut(i: int):
+            def part(t):
+                if isinstance(t, torch.Tensor) and t.dim() > 0:
+                    return torch.tensor_split(t, M)[i]
+                return t
+            return part
+
+        out = []
+        for i in range(M):
+            inp_i, tgt_i = pytree.tree_map(cut(i), (tuple(inputs), target))
+            n = pytree.tree_leaves(tgt_i)[0].shape[0] if M > 1 else B
+            out.append((inp_i, lambda o, t=tgt_i, w=n / B: loss_fn(o, t) * w if w != 1.0
+                        else loss_fn(o, t)))
+        return out
+
+    def _forward(self, inputs: Sequence, loss_fn: Callable, prev: dict, T: _Timer,
+                 first: bool) -> dict:
+        """One micro-batch through this rank's regions. The first one fills ``prev`` with
+        the reduced parameters' earlier gradients (:func:`_take_grads`); the forward itself
+        touches no ``.grad``, but the last rank seeds its backward right after each
+        micro-batch's loss (the earlier ranks are still busy with later micro-batches)."""
+        lbi, comm, K, W = self.lbi, self.comm, self.K, self.watch
         W.enter("forward")
         with torch.enable_grad(), T("prologue"):
             pro_env = lbi.run_prologue(tuple(inputs))
-        # after the prologue: lbi rebuilds its programs there when parameters were
-        # replaced, frozen or unfrozen, so what it trains now is read from fresh programs
-        self._layout()
-        prev.update(_take_grads(self.shared + (self.own if self.dp_group is not None else [])))
+        if first:
+            # after the prologue: lbi rebuilds its programs there when parameters were
+            # replaced, frozen or unfrozen, so what it trains now is read from fresh programs
+            self._layout()
+            dp = self.own + self.own_late if self.dp_group is not None else []
+            prev.update(_take_grads(self.shared + dp))
         m0, statics = lbi.chain_inputs(pro_env)
         env = lbi.chain_env(pro_env, statics)
         widths = [lbi.ranks[0], *lbi.ranks]
@@ -674,7 +788,8 @@ class RegionParallel:
         W.enter("jacobian")
         with T("jacobian"):
             jac = {k: region_jacobian(state, k) for k in self.mine if k < K - 1}
-        loss, leaves = None, []
+        f = dict(state=state, jac=jac, statics=statics, m0=m0, loss=None, widths=widths,
+                 static_grads=[None] * len(statics), mbar_last=None)
         if self.rank == self.last:
             W.enter("epilogue")
             names = [n for n in lbi.program_spec.regions[K - 1].outputs
@@ -684,54 +799,56 @@ class RegionParallel:
             # to them flows back through the prologue with the loss's backward
             epi_env = {**env, **pro_env, **dict(zip(names, leaves))}
             with torch.enable_grad(), T("epilogue"):
-                loss = loss_fn(lbi.run_epilogue(epi_env))
-        if sent is not None:
-            with T("send_wait"):
-                comm.wait_send(sent, self.rank + 1, "forward_m")
-        return dict(state=state, jac=jac, statics=statics, m0=m0, leaves=leaves, loss=loss,
-                    widths=widths, timer=T)
-
-    # backward -----------------------------------------------------------------------
-    def _backward(self, f: dict, prev: dict) -> None:
-        """``prev``: the gradients of the reduced parameters before this step
-        (:func:`_take_grads`), added back once this step's part is reduced."""
-        comm, K, T, state, W = self.comm, self.K, f["timer"], f["state"], self.watch
-        m0, widths = f["m0"], f["widths"]
-        B, dtype, r = m0.shape[0], m0.dtype, state.r_max
-        static_grads: list[torch.Tensor | None] = [None] * len(f["statics"])
-
-        def apply(k: int, grads: Sequence) -> None:
-            cache = state.caches[k]
-            ns = len(cache.static)
-            for (s, _), g in zip(cache.static, grads[:ns]):
-                if g is not None:
-                    static_grads[s] = g if static_grads[s] is None else static_grads[s] + g
-            params = self.lbi._build()["params"]  # cache.params holds the region's aliases
-            for (i, _), g in zip(cache.params, grads[ns:]):
-                _add_grad(params[i], g)
-
-        payload = m0.new_zeros(B, max(len(p) for p in self.place), r, r)
-        mbar_last = m0.new_zeros(B, widths[K - 1])
-        if self.rank == self.last:
+                f["loss"] = loss_fn(lbi.run_epilogue(epi_env))
             W.enter("backward-seed")
             with T("seed"):
                 # retain: the epilogue may read prologue outputs, backwarded again below
                 f["loss"].backward(retain_graph=True)
-                seed = last_region_vjp(state, *[leaf.grad for leaf in f["leaves"]])
-                apply(K - 1, seed[1:])
+                seed = last_region_vjp(state, *[leaf.grad for leaf in leaves])
+                self._apply(f, K - 1, seed[1:])
             if seed[0] is not None:
-                mbar_last = seed[0].detach().to(dtype)
+                f["mbar_last"] = seed[0].detach().to(m0.dtype)
+        if sent is not None:
+            with T("send_wait"):
+                comm.wait_send(sent, self.rank + 1, "forward_m")
+        return f
+
+    def _apply(self, f: dict, k: int, grads: Sequence) -> None:
+        """Region k's share of a micro-batch's gradients: static inputs (summed for the
+        prologue backward) and parameters (into ``.grad``)."""
+        cache = f["state"].caches[k]
+        ns, static_grads = len(cache.static), f["static_grads"]
+        for (s, _), g in zip(cache.static, grads[:ns]):
+            if g is not None:
+                static_grads[s] = g if static_grads[s] is None else static_grads[s] + g
+        params = self.lbi._build()["params"]  # cache.params holds the region's aliases
+        for (i, _), g in zip(cache.params, grads[ns:]):
+            _add_grad(params[i], g)
+
+    # backward -----------------------------------------------------------------------
+    def _adjoints_allgather(self, fs: list[dict], T: _Timer) -> dict:
+        """The paper's exchange: every rank's J_k (all micro-batches in one payload) to
+        every rank, mbar_{K-1} broadcast; each rank scans from its first region on."""
+        comm, K, W = self.comm, self.K, self.watch
+        state, widths = fs[0]["state"], fs[0]["widths"]
+        r, k0 = state.r_max, self.mine[0]
+        payload = torch.cat([f["m0"].new_zeros(f["m0"].shape[0], max(map(len, self.place)), r, r)
+                             for f in fs])
+        mbar_last = torch.cat([f["m0"].new_zeros(f["m0"].shape[0], widths[K - 1]) for f in fs])
+        rows = _row_slices(fs)
+        for f, sl in zip(fs, rows):
+            for k, J in f["jac"].items():
+                payload[sl, self.slot[k]] = J
+            if f["mbar_last"] is not None:
+                mbar_last[sl] = f["mbar_last"]
                 # region K-1 has no J: its slot carries "mbar_{K-1} exists" at no extra bytes
-                payload[:, self.slot[K - 1], 0, 0] = 1
-        for k, J in f["jac"].items():
-            payload[:, self.slot[k]] = J
+                payload[sl, self.slot[K - 1], 0, 0] = 1
         W.enter("scan-exchange")
         with T("allgather"):
             gathered = comm.all_gather(payload, "scan_allgather")
         with T("broadcast"):
             comm.broadcast(mbar_last, self.last, "mbar_broadcast")
         has_mbar = bool(gathered[self.last, 0, self.slot[K - 1], 0, 0] == 1)
-        k0 = self.mine[0]
         mbar = {K - 1: mbar_last if has_mbar else None}
         if k0 < K - 1:
             W.enter("scan")
@@ -741,11 +858,62 @@ class RegionParallel:
                 P = suffix_scan(J, state.scan_backend)           # P_k = J_k^T ... J_{K-2}^T
                 adj = interface_adjoints(state, P, mbar[K - 1], start=k0)
                 mbar.update({k0 + i: a for i, a in enumerate(adj)})
+        return mbar
+
+    def _adjoints_relay(self, fs: list[dict], T: _Timer) -> dict:
+        """Bytes at a minimum: the J_k stay on their rank. mbar at this rank's right
+        boundary comes from the next rank (B x r, one message for all micro-batches), the
+        rank's own suffix scan turns it into mbar for each of its boundaries, and mbar at
+        its left boundary goes to the previous rank. The relay is sequential over ranks,
+        but each hop is a few r x r products, not a VJP."""
+        comm, K, W = self.comm, self.K, self.watch
+        state, widths = fs[0]["state"], fs[0]["widths"]
+        k0, k1 = self.mine[0], self.mine[-1] + 1
+        B = sum(f["m0"].shape[0] for f in fs)
+        W.enter("scan-exchange")
+        if self.rank == self.last:
+            have = [f["mbar_last"] is not None for f in fs]
+            nxt = torch.cat([f["mbar_last"] for f in fs]) if all(have) else None
+            at = K - 1
+        else:
+            with T("relay"):
+                buf = comm.recv(fs[0]["m0"].new_empty(B, widths[k1] + 1), self.rank + 1,
+                                "mbar_relay")
+            nxt = buf[:, :-1] if bool(buf[0, -1] == 1) else None
+            at = k1
+        mbar = {at: nxt}
+        ks = [k for k in self.mine if k < K - 1]
+        if ks:
+            W.enter("scan")
+            with T("scan"):
+                J = torch.stack([torch.cat([f["jac"][k] for f in fs]) for k in ks], 1)
+                P = suffix_scan(J, state.scan_backend)  # P_k = J_k^T ... J_{at-1}^T
+                adj = interface_adjoints(state, P, nxt, start=k0)
+                mbar.update({k0 + i: a for i, a in enumerate(adj)})
+        if self.rank > 0:
+            out = fs[0]["m0"].new_zeros(B, widths[k0] + 1)
+            if mbar[k0] is not None:
+                out[:, :-1] = mbar[k0]
+                out[:, -1] = 1
+            with T("relay"):
+                comm.wait_send(comm.isend(out, self.rank - 1, "mbar_relay"), self.rank - 1,
+                               "mbar_relay")
+        return mbar
+
+    def _backward(self, fs: list[dict], prev: dict, T: _Timer) -> None:
+        """``prev``: the gradients of the reduced parameters before this step
+        (:func:`_take_grads`), added back once this step's part is reduced."""
+        comm, K, W = self.comm, self.K, self.watch
+        mbar = (self._adjoints_relay if self.exchange == "relay" else self._adjoints_allgather)(fs, T)
+        rows = _row_slices(fs)
         W.enter("local")
         with T("local"):
-            for k in self.mine:
-                if k < K - 1:
-                    apply(k, region_local_vjp(state, k, mbar[k + 1]))
+            for f, sl in zip(fs, rows):
+                for k in self.mine:
+                    if k < K - 1:
+                        g = mbar[k + 1]
+                        self._apply(f, k, region_local_vjp(f["state"], k,
+                                                           None if g is None else g[sl]))
         # the parameters only this region rank uses are final: average them over dp now,
         # while the prologue backward runs (gloo reduces on its own thread)
         dp = None
@@ -755,40 +923,53 @@ class RegionParallel:
                   for ps, flat in _flat_by_dtype(self.own)]
         W.enter("prologue-backward")
         with T("prologue_bwd"):
-            roots, grads = [], []
-            for s, g in zip(f["statics"], static_grads):
-                if g is not None and s.requires_grad:
-                    roots.append(s)
-                    grads.append(g)
-            if k0 == 0 and m0.requires_grad and mbar[0] is not None:
-                roots.append(m0)
-                grads.append(mbar[0])
-            if roots:
-                torch.autograd.backward(roots, grads)
+            for f, sl in zip(fs, rows):
+                roots, grads = [], []
+                for s, g in zip(f["statics"], f["static_grads"]):
+                    if g is not None and s.requires_grad:
+                        roots.append(s)
+                        grads.append(g)
+                m0 = f["m0"]
+                if self.mine[0] == 0 and m0.requires_grad and mbar.get(0) is not None:
+                    roots.append(m0)
+                    grads.append(mbar[0][sl])
+                if roots:
+                    torch.autograd.backward(roots, grads)
         W.enter("allreduce")
         with T("allreduce"):
             for ps, flat in _flat_by_dtype(self.shared):
                 comm.all_reduce(flat, "grad_allreduce", self.world_group)
                 _unflatten_into(ps, flat, 1.0 / self.dp_size, prev)
+            if self.dp_group is not None:  # this rank's own canvas copies (per_region)
+                for ps, flat in _flat_by_dtype(self.own_late):
+                    comm.finish(comm.all_reduce_async(flat, "dp_allreduce", self.dp_group,
+                                                      op="dp_all_reduce"))
+                    _unflatten_into(ps, flat, 1.0 / self.dp_size, prev)
         with T("dp_wait"):  # what the overlap did not hide
             for ps, flat, handle in dp or ():
                 comm.finish(handle)
                 _unflatten_into(ps, flat, 1.0 / self.dp_size, prev)
 
-    def step(self, inputs: Sequence, loss_fn: Callable) -> float:
+    def step(self, inputs: Sequence, loss_fn: Callable, target=None) -> float:
         """Forward + backward on this replica's shard ``inputs``; adds the gradient of the
         mean loss over the global batch to ``.grad`` (steps without ``zero_grad``
-        accumulate, as autograd does); returns that loss on every rank. A failure here is
-        published to the other ranks before it is raised (see the module docstring)."""
+        accumulate, as autograd does); returns that loss on every rank. Without
+        ``target`` the loss is ``loss_fn(output)``; with it ``loss_fn(output, target)``
+        per micro-batch (rows of ``target`` follow the inputs' rows), which
+        ``microbatches > 1`` needs. A failure here is published to the other ranks before
+        it is raised (see the module docstring)."""
         W = self.watch
         W.step += 1
         prev: dict = {}
+        T = _Timer()
         try:
             try:
-                f = self._forward(inputs, loss_fn, prev)
-                self._backward(f, prev)
+                chunks = self._chunks(inputs, loss_fn, target)
+                fs = [self._forward(inp, lf, prev, T, i == 0)
+                      for i, (inp, lf) in enumerate(chunks)]
+                self._backward(fs, prev, T)
                 W.enter("loss")
-                return self._loss(f)
+                return self._loss(fs, T)
             except (PeerFailedError, DistributedTimeout):
                 raise  # a peer's failure, or a timeout this rank already published
             except BaseException as exc:
@@ -798,17 +979,18 @@ class RegionParallel:
             _restore_grads(prev)  # what was accumulated before is not lost with the step
             raise
 
-    def _loss(self, f: dict) -> float:
+    def _loss(self, fs: list[dict], T: _Timer) -> float:
         """The global mean loss: the dp mean of the replicas' losses, summed over the mesh
         in float64 with each replica's batch size and its square, which are equal across
         ranks iff every replica got the same number of samples (DDP's averaging needs it)."""
-        loss, B = f["loss"], float(f["m0"].shape[0])
-        val = f["m0"].new_zeros(3, dtype=torch.float64)
-        if loss is not None:
-            val[0] = loss.detach().double() / self.dp_size
+        m0 = fs[0]["m0"]
+        B = float(sum(f["m0"].shape[0] for f in fs))
+        val = m0.new_zeros(3, dtype=torch.float64)
+        if fs[0]["loss"] is not None:
+            val[0] = sum(f["loss"].detach().double() for f in fs) / self.dp_size
         val[1], val[2] = B, B * B
         self.comm.all_reduce(val, "loss", self.world_group)
-        self.timings = f["timer"].t
+        self.timings = T.t
         n = self.world * self.dp_size
         if float(val[1]) != n * B or float(val[2]) != n * B * B:
             raise InputError(
@@ -818,76 +1000,14 @@ class RegionParallel:
         return float(val[0])
 
 
-# -- pipeline-parallel baseline ---------------------------------------------------------
-
-class PipelineBaseline:
-    """Ordinary backprop over the same placement, for a GPT-like model (``wte``, ``wpe``,
-    ``drop``, ``layers``, ``ln_f``, ``head``, as in ``lbi_fx.models.transformer``): rank j
-    receives the (B, L, D) hidden state, runs its blocks, sends it on; backward receives
-    the (B, L, D) activation gradient and sends its own back. Parameters on several ranks
-    (a tied head) are all-reduced like in :class:`RegionParallel`."""
-
-    def __init__(self, model: nn.Module, regions: Sequence[Sequence[int]], group=None,
-                 comm: Comm | None = None, sync_params: bool = True):
-        self.model = model
-        self.comm = comm or Comm(group)
-        self.rank, self.world = self.comm.rank, self.comm.world
-        self.place = placement(len(regions), self.world)
-        self.layers = [i for k in self.place[self.rank] for i in regions[k]]
-        self.last = self.world - 1
-        uses: dict[int, set[int]] = {}
-        stages = [(0, [model.wte, model.wpe]), (self.last, [model.ln_f, model.head])]
-        for j, ks in enumerate(self.place):
-            stages.append((j, [model.layers[i] for k in ks for i in regions[k]]))
-        for j, mods in stages:
-            for mod in mods:
-                for p in mod.parameters():
-                    uses.setdefault(id(p), set()).add(j)
-        self.shared = [p for p in dict.fromkeys(model.parameters()) if len(uses.get(id(p), ())) > 1]
-        self.timings: dict[str, float] = {}
-        if sync_params:
-            sync_from_rank0(self.comm, model)
-
-    def step(self, idx: torch.Tensor, loss_fn: Callable, sync: bool = False) -> float:
-        """``sync``: barrier between forward and backward, so ``timings['backward']`` on
-        rank 0 is the wall time of the whole sequential backward chain."""
-        m, comm, T = self.model, self.comm, _Timer()
-        prev = _take_grads(self.shared)  # steps accumulate: only this one's is summed
-        B, L, D = idx.shape[0], idx.shape[1], m.wte.embedding_dim
-        dtype = m.wte.weight.dtype
-        with T("forward"):
-            if self.rank == 0:
-                pos = torch.arange(L, device=idx.device)
-                x_in = None
-                x = m.drop(m.wte(idx) + m.wpe(pos))
-            else:
-                x_in = comm.recv(torch.empty(B, L, D, dtype=dtype, device=idx.device), self.rank - 1)
-                x_in.requires_grad_(True)
-                x = x_in
-            for i in self.layers:
-                x = m.layers[i](x)
-            if self.rank < self.last:
-                comm.isend(x.detach(), self.rank + 1, "pipe_forward_act").wait()
-                loss = None
-            else:
-                loss = loss_fn(m.head(m.ln_f(x)))
-        if sync:
-            dist.barrier(group=comm.group)
-        with T("backward"):
-            if self.rank == self.last:
-                loss.backward()
-            else:
-                g = comm.recv(torch.empty(B, L, D, dtype=dtype, device=idx.device), self.rank + 1)
-                x.backward(g)
-            if x_in is not None:
-                comm.isend(x_in.grad, self.rank - 1, "pipe_backward_grad").wait()
-        with T("allreduce"):
-            _sum_shared(comm, self.shared, prev)
-        val = (loss.detach().reshape(1).double() if loss is not None
-               else torch.zeros(1, dtype=torch.float64, device=idx.device))
-        comm.broadcast(val, self.last, "loss")
-        self.timings = T.t
-        return float(val)
+def _row_slices(fs: list[dict]) -> list[slice]:
+    """Each micro-batch's rows in the step's concatenated batch."""
+    out, at = [], 0
+    for f in fs:
+        n = f["m0"].shape[0]
+        out.append(slice(at, at + n))
+        at += n
+    return out
 
 
 def free_port() -> int:

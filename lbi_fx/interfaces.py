@@ -23,14 +23,31 @@ def _mlp(d_in: int, hidden: int, d_out: int, kind: str) -> nn.Module:
 
 POOLS = ("auto", "causal", "mean", "last")
 DECODER_INITS = ("default", "zero")
-MIN_RANK = 3  # LayerNorm over r scalars per row keeps r - 2 degrees of freedom
+# How m_k is normalised per row: LayerNorm removes mean and scale (r - 2 degrees of
+# freedom left), RMSNorm the scale (r - 1), "none" nothing (r).
+NORMS = ("layer", "rms", "none")
+MIN_RANKS = {"layer": 3, "rms": 2, "none": 1}
+MIN_RANK = MIN_RANKS["layer"]
 
 
-def rank_problem(rank: int) -> str:
-    """Why ``rank`` scalars per row carry nothing through the interface's LayerNorm."""
+def rank_problem(rank: int, norm: str = "layer") -> str:
+    """Why ``rank`` scalars per row carry nothing through the interface's norm."""
+    if norm == "rms":
+        return (f"the interface's RMSNorm removes each row's scale, so {rank} scalar per row "
+                f"carries only a sign; use rank >= {MIN_RANKS['rms']} or interface_norm='none'")
     what = "a constant (all J_k == 0)" if rank <= 1 else "only a sign (J_k ~ 1e-5: one bit)"
     return (f"the interface's LayerNorm removes each row's mean and scale, so {rank} scalar(s) "
-            f"per row carry {what}; use rank >= {MIN_RANK}")
+            f"per row carry {what}; use rank >= {MIN_RANK}, or interface_norm='rms' / 'none'")
+
+
+def make_norm(norm: str, rank: int) -> nn.Module:
+    if norm == "layer":
+        return nn.LayerNorm(rank)
+    if norm == "rms":
+        return nn.RMSNorm(rank)
+    if norm == "none":
+        return nn.Identity()
+    raise InputError(f"interface_norm={norm!r}: choose one of {', '.join(NORMS)}")
 
 
 @dataclass(frozen=True)
@@ -123,13 +140,16 @@ class InterfaceEncoder(nn.Module):
 
     def __init__(self, in_features: list[int], rank: int, hidden: int, *, kind: str = "mlp",
                  pool: str = "mean", residual: bool = True, in_rank: int | None = None,
-                 segments: Segments | None = None, seq_axes: list[int | None] | None = None):
+                 segments: Segments | None = None, seq_axes: list[int | None] | None = None,
+                 norm: str = "layer"):
         super().__init__()
         if (pool == "causal") != (segments is not None):
             raise RewriteError("pool='causal' needs a segment layout, and only it takes one "
                                "(a bug in lbi-fx's rewrite; please report it)")
-        if rank < MIN_RANK:
-            raise InputError(f"an interface of rank {rank} per row: {rank_problem(rank)}")
+        if norm not in NORMS:
+            raise InputError(f"interface_norm={norm!r}: choose one of {', '.join(NORMS)}")
+        if rank < MIN_RANKS[norm]:
+            raise InputError(f"an interface of rank {rank} per row: {rank_problem(rank, norm)}")
         self.seq_axes = list(seq_axes) if seq_axes is not None else None
         self.rank = rank
         self.in_rank = rank if in_rank is None else in_rank
@@ -139,7 +159,8 @@ class InterfaceEncoder(nn.Module):
         self.residual = residual
         self.net = _mlp(sum(in_features), hidden, rank, kind) if in_features else None
         self.alpha = nn.Parameter(torch.tensor(0.5)) if residual else None
-        self.norm = nn.LayerNorm(rank)
+        self.norm_kind = norm
+        self.norm = make_norm(norm, rank)
 
     @property
     def rows(self) -> int:

@@ -55,7 +55,9 @@ def interface_layout(container: nn.Module) -> dict[str, Any]:
     seg = one(segs)
     return {"pool": one(pools),
             "segments": None if seg is None else dict(zip(("count", "length", "max_len"), seg)),
-            "encoder": one(kinds), "ranks": ranks}
+            "encoder": one(kinds), "ranks": ranks,
+            # set by passes/per_region_canvas.py: per-region copies of the canvas weights
+            "canvas_weights": getattr(container, "canvas_weights", "shared")}
 
 
 def lbi_layout(lbi: nn.Module) -> dict[str, Any]:
@@ -66,7 +68,8 @@ def lbi_layout(lbi: nn.Module) -> dict[str, Any]:
 
 
 FIELDS = {"pool": "pool", "segments": "segment layout", "encoder": "encoder kind",
-          "ranks": "interface ranks", "rank_per_row": "interface ranks per row"}
+          "ranks": "interface ranks", "rank_per_row": "interface ranks per row",
+          "canvas_weights": "canvas weights"}
 
 
 def _show(field: str, value: Any) -> str:
@@ -95,6 +98,8 @@ def rebuild_hint(saved: dict) -> str:
         how += f", segment_len={seg['length']}, max_len={seg['max_len']}"
     if isinstance(saved.get("encoder"), str):
         how += f", encoder={saved['encoder']!r}"
+    if saved.get("canvas_weights", "shared") != "shared":
+        how += f", canvas_weights={saved['canvas_weights']!r}"
     return f"rebuild the model with lbi_fx.transform(..., {how}) and the saved ranks, then load"
 
 

@@ -422,6 +422,29 @@ class LBIModule(nn.Module):
         interface nodes ``m_nodes`` (read-only)."""
         return self._programs_spec
 
+    def prologue_param_users(self) -> dict[str, set[int | str]]:
+        """For each trainable parameter of the prologue program (name as in
+        ``named_parameters``): the regions (and ``"epilogue"``) whose gradient reaches it,
+        through a prologue output that depends on it (walked on the program's graph) or
+        by reading it themselves (a tied head). m_0's encoder maps to {0}; with
+        ``canvas_weights="per_region"`` region k's copies map to {k}."""
+        from lbi_fx.passes.per_region_canvas import param_users
+
+        self._refresh()
+        c, spec = self._build(), self._programs_spec
+        places = [*enumerate(zip(spec.regions, c["regions"])),
+                  ("epilogue", (spec.epilogue, c["epilogue"]))]
+        readers: dict[str, set] = {}
+        direct: dict[int, set] = {}
+        for who, (prog, pgm) in places:
+            for name in prog.inputs:
+                readers.setdefault(name, set()).add(who)
+            for p in pgm.parameters():
+                direct.setdefault(id(p), set()).add(who)
+        names = {id(p): n for n, p in self.named_parameters()}
+        found = param_users(c["prologue"], spec.prologue.outputs, readers, direct)
+        return {names[i]: users for i, (t, users) in found.items() if i in names}
+
     def run_prologue(self, args: Sequence, kwargs: dict | None = None) -> dict:
         """Run the prologue on the model's inputs; its outputs by node name (canvas, m_0,
         masks, ...)."""

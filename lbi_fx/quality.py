@@ -46,6 +46,7 @@ class Variant:
     segments: int = 1
     layers: int | None = None
     decoder_init: str = "default"
+    norm: str = "layer"
 
     @property
     def scalars(self) -> int:
@@ -62,18 +63,21 @@ class Variant:
         if self.pool == "spl":
             return "spl (detach, shared head)"
         zero = ", zero decoders" if self.decoder_init == "zero" else ""
-        return f"{self.pool} {describe_width(self.rank, self.segments)}{zero}"
+        norm = "" if self.norm == "layer" else f", {self.norm} norm"
+        return f"{self.pool} {describe_width(self.rank, self.segments)}{zero}{norm}"
 
 
 def variants(budgets: tuple[int, ...], seq: int, layers: int = 6, region_size: int = 2,
              leaky: bool = True, designs: bool = True, spl: bool = True,
-             ranks: tuple[int, ...] = (4, 16)) -> list[Variant]:
+             ranks: tuple[int, ...] = (4, 16),
+             norms: tuple[str, ...] = ("layer",)) -> list[Variant]:
     """Dense at full depth, at the depth of one region and of K-1 regions (the honest
     baselines: an LBI model that does not beat one region trained alone has thrown the
     earlier regions away); then per budget b: mean and last with r = b (``leaky``),
     causal with r in {4, 16} and S = b / r segments (S = 1 would carry nothing causal; S
     must divide the sequence), each causal row also with zero-initialised decoders
-    (``designs``); then SPL on the same partition."""
+    (``designs``) and with every interface norm of ``norms``; then SPL on the same
+    partition."""
     rows = [Variant()]
     for depth in dict.fromkeys((region_size, layers - region_size)):
         if 0 < depth < layers:
@@ -83,7 +87,8 @@ def variants(budgets: tuple[int, ...], seq: int, layers: int = 6, region_size: i
             rows += [Variant("mean", b), Variant("last", b)]
         for r in ranks:
             if b % r == 0 and 1 < b // r <= seq and seq % (b // r) == 0:
-                rows.append(Variant("causal", r, b // r))
+                for norm in norms:
+                    rows.append(Variant("causal", r, b // r, norm=norm))
                 if designs:
                     rows.append(Variant("causal", r, b // r, decoder_init="zero"))
     if spl:
@@ -103,6 +108,10 @@ class Config(RunConfig):
     designs: bool = True    # the zero-decoder rows
     spl: bool = True        # the stage-partitioned learning row
     ranks: tuple[int, ...] = (4, 16)  # per-row ranks of the causal rows
+    norms: tuple[str, ...] = ("layer",)  # interface norms of the causal rows
+    # dense rows taken from an earlier run of the same config and seeds (name -> row):
+    # dense training is deterministic per seed and thread count, so it need not rerun
+    reuse_dense: dict | None = None
 
     @staticmethod
     def long() -> Config:
@@ -133,7 +142,7 @@ def build(cfg: Config, v: Variant, dense: torch.nn.Module, example: tuple):
         if v.pool in ("mean", "last"):  # leaky on purpose: these rows measure the leak
             warnings.simplefilter("ignore", lbi_fx.CausalityWarning)
         return lbi_fx.transform(model, regions, rank=v.rank, example_inputs=example, pool=v.pool,
-                                decoder_init=v.decoder_init, **kw)
+                                decoder_init=v.decoder_init, interface_norm=v.norm, **kw)
 
 
 @torch.no_grad()
@@ -209,7 +218,7 @@ def run_table(cfg: Config, progress: bool = True) -> tuple[list[dict], dict]:
     val = [corpus.get_batch("val", cfg.batch, cfg.seq, gval) for _ in range(cfg.eval_batches)]
     example = (torch.randint(0, 256, (2, cfg.seq), generator=torch.Generator().manual_seed(0)),)
     table = variants(cfg.budgets, cfg.seq, cfg.layers, cfg.region_size, cfg.leaky,
-                     cfg.designs, cfg.spl, cfg.ranks)
+                     cfg.designs, cfg.spl, cfg.ranks, cfg.norms)
     runs: dict[Variant, list[dict]] = {v: [] for v in table}
     curves = {}
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
@@ -219,6 +228,8 @@ def run_table(cfg: Config, progress: bool = True) -> tuple[list[dict], dict]:
             dense = GPT(GPTConfig(block_size=cfg.seq, n_layer=cfg.layers, n_head=cfg.heads,
                                   n_embd=cfg.width))
         for v in table:
+            if v.model == "dense" and v.name in (cfg.reuse_dense or {}):
+                continue
             res = train(run_cfg, v, build(run_cfg, v, dense, example), corpus, val, progress)
             runs[v].append(res)
             if seed == cfg.seed:
@@ -227,9 +238,14 @@ def run_table(cfg: Config, progress: bool = True) -> tuple[list[dict], dict]:
                 last = res["curve"][-1]
                 print(f"seed {seed} {v.name:>40}: CE {last['ce']:.3f}, leak-free "
                       f"{last['ce_leak_free']:.3f}", file=sys.stderr)
-    base_step = statistics.median(r["step_s"] for r in runs[table[0]])
+    reused = cfg.reuse_dense or {}
+    base_step = (reused[table[0].name]["step_ms"] / 1e3 if table[0].name in reused
+                 else statistics.median(r["step_s"] for r in runs[table[0]]))
     rows = []
     for v in table:
+        if not runs[v]:
+            rows.append(dict(reused[v.name], reused=True))
+            continue
         finals = [r["curve"][-1] for r in runs[v]]
         free = [f["ce_leak_free"] for f in finals]
         step_s = statistics.median(r["step_s"] for r in runs[v])
@@ -243,7 +259,9 @@ def run_table(cfg: Config, progress: bool = True) -> tuple[list[dict], dict]:
             "ce_leak_free_seeds": [round(x, 4) for x in free],
             "spread": round((max(free) - min(free)) / 2, 4),
             "bpb_leak_free": round(statistics.fmean(free) / math.log(2), 4),
-            "steps": cfg.steps, "seeds": cfg.seeds, "step_ratio": round(step_s / base_step, 2),
+            "norm": v.norm if v.model == "lbi" else None,
+            "steps": cfg.steps, "seeds": cfg.seeds, "seed": cfg.seed,
+            "step_ratio": round(step_s / base_step, 2),
             "step_ms": round(1e3 * step_s, 1),
         })
     dense_free = rows[0]["ce_leak_free"]
@@ -328,6 +346,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-leaky", action="store_true", help="leave out the mean / last rows")
     p.add_argument("--no-designs", action="store_true", help="leave out the zero-decoder rows")
     p.add_argument("--no-spl", action="store_true", help="leave out the SPL row")
+    p.add_argument("--norms", help="interface norms of the causal rows, comma-separated "
+                                   "(layer, rms, none; default layer)")
+    p.add_argument("--reuse-dense", metavar="JSON",
+                   help="take the dense rows from an earlier --json run of the same config "
+                        "and seeds (dense training is deterministic per seed and thread count)")
     p.add_argument("--eval-every", type=int, help="steps between held-out evaluations")
     p.add_argument("--steps", type=int, help="training steps per model (default 600)")
     p.add_argument("--budgets", help="scalar budgets per sample, comma-separated (default 16,64)")
@@ -367,6 +390,15 @@ def run(args: argparse.Namespace) -> int:
                 setattr(cfg, key, tuple(int(b) for b in text.split(",")))
             except ValueError:
                 raise lbi_fx.InputError(f"--{key} {text!r}: comma-separated ints") from None
+    if args.norms:
+        norms = tuple(n.strip() for n in args.norms.split(","))
+        bad = [n for n in norms if n not in lbi_fx.interfaces.NORMS]
+        if bad:
+            raise lbi_fx.InputError(f"--norms {args.norms!r}: {bad[0]!r} is not one of "
+                                    f"{', '.join(lbi_fx.interfaces.NORMS)}")
+        cfg.norms = norms
+    if args.reuse_dense:
+        cfg.reuse_dense = reuse_rows(args.reuse_dense, cfg)
     cfg.eval_every = min(cfg.eval_every, cfg.steps)
     cfg.backward = args.backward or cfg.backward
     cfg.timed_steps = max(1, min(args.timed_steps, cfg.steps))
@@ -389,6 +421,25 @@ def run(args: argparse.Namespace) -> int:
               f"{len(rows)} models in {time.perf_counter() - t0:.0f}s")
         print(format_table(rows))
     return 0
+
+
+def reuse_rows(path: str, cfg: Config) -> dict:
+    """The dense rows of an earlier ``--json`` run, checked to be from this config."""
+    try:
+        with open(path) as f:
+            rows = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise lbi_fx.InputError(f"--reuse-dense {path}: cannot read a JSON table ({exc})") from None
+    dense = {r["name"]: r for r in rows if isinstance(r, dict) and r.get("model") == "dense"}
+    if not dense:
+        raise lbi_fx.InputError(f"--reuse-dense {path}: no dense rows in it")
+    for r in dense.values():
+        for key, want in (("steps", cfg.steps), ("seeds", cfg.seeds), ("seed", cfg.seed)):
+            if key in r and r[key] != want:
+                raise lbi_fx.InputError(
+                    f"--reuse-dense {path}: row {r['name']!r} has {key} {r[key]}, this run "
+                    f"{want}; rerun the dense rows or pass a table of the same config")
+    return dense
 
 
 def _backward_text(cfg: Config) -> str:

@@ -4,6 +4,7 @@ per parameter, fp64 and fp32) and leak-free (causal audit over every cut)."""
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -56,3 +57,49 @@ def test_unknown_decoder_init_is_refused():
     with pytest.raises(lbi_fx.InputError, match="decoder_init"):
         lbi_fx.transform(model, lbi_fx.every(2, "layers"), rank=4, example_inputs=(idx,),
                          decoder_init="ones")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("norm, rank", [("rms", 2), ("none", 1), ("none", 4)])
+def test_interface_norms_are_exact_and_leak_free(norm, rank, dtype):
+    """RMSNorm keeps r - 1 of a row's scalars, no norm all r: both stay exact and causal,
+    down to the smallest rank each admits."""
+    model, idx = _gpt(dtype)
+    lbi = lbi_fx.transform(model, lbi_fx.every(2, "layers"), rank=rank, example_inputs=(idx,),
+                           interface_norm=norm)
+    from lbi_fx.interfaces import InterfaceEncoder
+
+    encoders = [m for m in lbi.modules() if isinstance(m, InterfaceEncoder)]
+    assert encoders and all(e.norm_kind == norm for e in encoders)
+    want = nn.RMSNorm if norm == "rms" else nn.Identity
+    assert all(isinstance(e.norm, want) for e in encoders)
+    report = gradient_parity(lbi, (idx,))
+    assert report.ok, str(report)
+    assert causal_leak(lbi, (idx,), cuts=range(1, idx.shape[1])) == 0.0
+
+
+def test_interface_norm_degrees_of_freedom():
+    """What each norm leaves of a row of r scalars: the rank of d m_1 / d (encoder input)
+    is r - 2 (LayerNorm), r - 1 (RMSNorm), r (none), up to the norms' eps (~1e-5 of
+    the other singular values: below rtol 1e-3)."""
+    from lbi_fx.interfaces import InterfaceEncoder
+
+    torch.manual_seed(0)
+    r, d = 5, 8
+    for norm, dof in (("layer", r - 2), ("rms", r - 1), ("none", r)):
+        enc = InterfaceEncoder([d], r, 16, pool="mean", residual=False, norm=norm).double()
+        x = torch.randn(1, 3, d, dtype=torch.float64)
+        J = torch.autograd.functional.jacobian(functools.partial(enc, None), x).reshape(r, -1)
+        assert int(torch.linalg.matrix_rank(J, rtol=1e-3)) == dof, norm
+
+
+def test_interface_norm_ranks_are_checked():
+    model, idx = _gpt(torch.float64)
+    with pytest.raises(lbi_fx.InputError, match="interface_norm"):
+        lbi_fx.transform(model, lbi_fx.every(2, "layers"), rank=4, example_inputs=(idx,),
+                         interface_norm="batch")
+    with pytest.raises(lbi_fx.InputError, match="RMSNorm"):
+        lbi_fx.transform(model, lbi_fx.every(2, "layers"), rank=1, example_inputs=(idx,),
+                         interface_norm="rms")
+    with pytest.raises(lbi_fx.InputError, match="interface_norm='rms'"):
+        lbi_fx.transform(model, lbi_fx.every(2, "layers"), rank=2, example_inputs=(idx,))

@@ -94,16 +94,29 @@ def test_region_parallel_gradients_exact(tmp_path, world, K):
 
 
 def test_bench_comm_json(capsys):
+    """Every byte of a step, by phase, equals what the configuration implies: K = 2 on 2
+    ranks, r = 8 (mean pool), fp32, B = 1, L = 16, D = 32, 256-token vocabulary."""
     from lbi_fx.bench.comm import main
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    rc = main(["--json", "--k", "2", "--world", "2", "--dim", "32", "--seq", "16", "--heads", "2",
-               "--rank", "8", "--dtype", "fp32"])
-    assert rc == 0
+    base = ["--json", "--k", "2", "--world", "2", "--dim", "32", "--seq", "16", "--heads", "2",
+            "--rank", "8", "--dtype", "fp32"]
+    assert main(base) == 0
     data = json.loads(capsys.readouterr().out)
-    assert {"lbi_bytes", "pipeline_bytes", "ratio"} <= set(data)
-    assert data["lbi_bytes"] == 2 * 8 * 8 * 4 + 8 * 4  # J all-gather (2 slots) + mbar
-    assert data["pipeline_bytes"] == 1 * 16 * 32 * 4  # one boundary, (1, 16, 32) fp32
+    lbi, pipe = data["lbi"]["by_phase"], data["pipeline"]["by_phase"]
+    assert lbi["scan_allgather"] == 2 * 8 * 8 * 4  # world x (B, 1 slot, r, r)
+    assert lbi["mbar_broadcast"] == lbi["forward_m"] == 8 * 4
+    assert lbi["grad_allreduce"] == (256 * 32 + 16 * 32 + 2) * 4  # wte, wpe, a flag each
+    assert pipe["pipe_forward_act"] == pipe["pipe_backward_grad"] == 16 * 32 * 4
+    assert pipe["grad_allreduce"] == (256 * 32 + 1) * 4  # the tied head / wte
+    assert data["lbi_step_bytes"] == sum(data["lbi"]["by_kind"].values()) == sum(lbi.values())
+    assert data["pipeline_step_bytes"] == sum(pipe.values())
+    assert data["pipeline_schedule"] == ["gpipe", 1]  # B = 1 cannot fill 2 micro-batches
+    # relay + per-region canvas: m_1 forward, mbar_1 (+ flag) back, the loss; nothing else
+    assert main([*base, "--exchange", "relay", "--canvas-weights", "per_region"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["lbi"]["by_phase"] == {"forward_m": 8 * 4, "mbar_relay": 9 * 4, "loss": 3 * 8}
+    assert data["lbi_step_bytes"] == 92
 
 
 @pytest.mark.parametrize("timeout", [0, -1.0, True, "60"])

@@ -107,7 +107,7 @@ def _is_lbi(exc) -> bool:
     return isinstance(exc, lbi_fx.LBIError)
 
 
-def _exact(lbi, idx, tgt, mesh, dtype) -> dict:
+def _exact(lbi, idx, tgt, mesh, dtype, **rp_kw) -> dict:
     from lbi_fx.distributed import RegionParallel, shard_batch
 
     lbi.to(dtype)
@@ -118,9 +118,12 @@ def _exact(lbi, idx, tgt, mesh, dtype) -> dict:
                                                allow_unused=True)))
     lbi.backward = "scan"
     lbi.zero_grad(set_to_none=True)
-    rp = RegionParallel(lbi, mesh=mesh, timeout=30)
+    rp = RegionParallel(lbi, mesh=mesh, timeout=30, **rp_kw)
     my_idx, my_tgt = shard_batch((idx, tgt), rp)
-    loss = rp.step((my_idx,), ce(my_tgt))
+    if rp_kw:  # micro-batches: the loss takes each micro-batch's targets
+        loss = rp.step((my_idx,), lambda out, t: ce(t)(out), target=my_tgt)
+    else:
+        loss = rp.step((my_idx,), ce(my_tgt))
     got = {n: p.grad for n, p in params.items() if p.grad is not None}
     diff = sum(float((got[n].double() - ref[n].double()).pow(2).sum()) for n in got)
     norm = sum(float(ref[n].double().pow(2).sum()) for n in got)
@@ -218,6 +221,8 @@ def _worker(rank: int, port: int, out: str) -> None:
             lbi, idx, tgt = _gpt()
             res["exact"] = {str(dt): _exact(lbi, idx, tgt, mesh, dt)
                             for dt in (torch.float64, torch.float32)}
+            res["exact_mb"] = {ex: _exact(lbi, idx, tgt, mesh, torch.float64, microbatches=2,
+                                          exchange=ex) for ex in ("relay", "allgather")}
             # gradient accumulation: 3 steps without zero_grad, on the mesh, on a plain
             # group of 2 region ranks (K = 3: one rank runs two regions), and 2 steps on a
             # 4 x 1 mesh (one region rank: the prologue's parameters are dp-averaged)
@@ -309,6 +314,15 @@ def test_mesh_2x2_gradients_equal_full_batch_autograd(ranks):
     for dtype in ("torch.float64", "torch.float32"):  # the region ranks cover every parameter
         assert sorted({n for res in ranks[:2] for n in res["exact"][dtype]["used"]}) == \
             ranks[0]["exact"][dtype]["covered"]
+
+
+def test_mesh_2x2_micro_batches_equal_full_batch_autograd(ranks):
+    """2 micro-batches per dp shard, both exchanges: still the full-batch gradient."""
+    for rank, res in enumerate(ranks):
+        for ex, r in res["exact_mb"].items():
+            assert r["rel"] <= 1e-10, (rank, ex, r["rel"])
+            assert abs(r["loss"] - r["ref_loss"]) <= 1e-10 * abs(r["ref_loss"]), (rank, ex)
+            assert r["have"] == r["used"], (rank, ex)
 
 
 def test_unequal_dp_shards_are_refused_on_every_rank(ranks):

@@ -1,23 +1,25 @@
-"""``lbi-fx bench comm``: bytes (and, with ``--timed``, backward critical path) of region
-parallelism vs a pipeline-parallel baseline, from one real multi-process run.
+"""``lbi-fx bench comm``: every byte of one training step of region parallelism vs
+torch.distributed.pipelining, from one real multi-process run (and with ``--timed``, their
+step times and LBI's critical path).
 
 It spawns ``--world`` processes itself (gloo on 127.0.0.1, a free port), builds
-``lbi_fx.models.transformer`` with K regions of ``--layers-per-region`` blocks, and runs one
-step of each:
+``lbi_fx.models.transformer.GPT`` (``--vocab`` tokens: 50257 is GPT-2's) with K regions of
+``--layers-per-region`` blocks, and runs one step of each:
 
-* LBI (``lbi_fx.distributed.RegionParallel``): backward bytes = the one J all-gather
-  (world x slots x B x r x r) + the mbar_{K-1} broadcast (B x r);
-* pipeline (``PipelineBaseline``): backward bytes = the (B, L, D) activation gradient
-  sent across each of the world-1 rank boundaries.
+* LBI (``RegionParallel``, ``--exchange allgather``: the J_k all-gathered and mbar_{K-1}
+  broadcast; ``relay``: mbar_k passed rank to rank, J_k never leave their rank) with the
+  canvas weights shared (their gradients all-reduced over the region ranks) or
+  ``--canvas-weights per_region`` (each region's own copy: nothing to reduce);
+* torch.distributed.pipelining (``lbi_fx.pipelining.PipelineRunner``), 1F1B where the
+  batch fills one micro-batch per stage, else GPipe (the bytes are the same for any
+  schedule and micro-batch count: the (B, L, D) activations forward and their gradient
+  back across each rank boundary).
 
-Both also all-reduce the gradients of parameters several ranks use (embeddings, tied
-head); that is reported separately as ``*_grad_allreduce_bytes``. With ``--dp N`` the
-LBI run is a ``("dp", "region")`` mesh of N x world ranks, each replica on its own shard
-of an N x B batch, and ``lbi_dp_allreduce_bytes`` is its gradient averaging over dp (one
-flat buffer per region rank, summed over the region ranks; the pipeline baseline runs
-without dp). Defaults are the
-paper's configuration (K=7, r=64, bf16, B=1, L=1024, D=768) with one block per region
-and one rank per region.
+Every phase is counted where it is sent and reported as a step total first, then by kind
+(``lbi_fx.distributed.step_bytes``: activations / interface, Jacobians, parameter-gradient
+reductions, dp reductions, control). With ``--dp N`` the LBI run is a ``("dp", "region")``
+mesh of N x world ranks. Defaults are the paper's configuration (K=7, r=64, bf16, B=1,
+L=1024, D=768) with one block per region and one rank per region.
 """
 
 from __future__ import annotations
@@ -42,34 +44,49 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 def _build(cfg: dict):
     """(lbi, baseline model, idx, targets, regions as layer lists) on this rank; idx and
     targets hold the global batch (dp x B rows)."""
-    import lbi_fx
-    from lbi_fx.models.transformer import build
+    from lbi_fx.models.transformer import GPT, GPTConfig
 
     K, lpr = cfg["k"], cfg["layers_per_region"]
-    kw = dict(n_layer=K * lpr, n_embd=cfg["dim"], n_head=cfg["heads"],
-              block_size=max(cfg["seq"], 8), seed=0)
+    gcfg = GPTConfig(vocab_size=cfg.get("vocab", 256), n_layer=K * lpr, n_embd=cfg["dim"],
+                     n_head=cfg["heads"], block_size=max(cfg["seq"], 8))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = GPT(gcfg)
     torch.manual_seed(0)  # interface modules draw from the global RNG
-    model, _ = build(batch=2, seq=8, **kw)  # small example: capture is shape-generic
     layers = [[k * lpr + i for i in range(lpr)] for k in range(K)]
     with warnings.catch_warnings():  # --pool mean on a causal GPT is the user's explicit choice
-        warnings.simplefilter("ignore", lbi_fx.CausalityWarning)
+        warnings.simplefilter("ignore", lbi_fx_warnings())
         lbi = _transform(model, layers, cfg)
     dtype = DTYPES[cfg["dtype"]]
     lbi = lbi.to(dtype)
-    base, _ = build(batch=2, seq=8, **kw)
-    base = base.to(dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        base = GPT(gcfg).to(dtype)
     g = torch.Generator().manual_seed(1)
     rows = cfg.get("dp", 1) * cfg["batch"]
-    idx = torch.randint(0, 256, (rows, cfg["seq"]), generator=g)
-    tgt = torch.randint(0, 256, (rows, cfg["seq"]), generator=g)
+    idx = torch.randint(0, gcfg.vocab_size, (rows, cfg["seq"]), generator=g)
+    tgt = torch.randint(0, gcfg.vocab_size, (rows, cfg["seq"]), generator=g)
     return lbi, base, idx, tgt, layers
+
+
+def lbi_fx_warnings() -> tuple:
+    import lbi_fx
+
+    return (lbi_fx.CausalityWarning, lbi_fx.FallbackWarning)
+
+
+def pipeline_schedule(batch: int, world: int) -> tuple[str, int]:
+    """1F1B with one micro-batch per stage where the batch allows, else GPipe with one
+    micro-batch per row: the bytes are the same either way."""
+    return ("1f1b", world) if batch >= world and batch % world == 0 else ("gpipe", 1)
 
 
 def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from lbi_fx.distributed import Comm, PipelineBaseline, RegionParallel, shard_batch
+    from lbi_fx.distributed import Comm, RegionParallel, shard_batch
+    from lbi_fx.pipelining import PipelineRunner
 
     torch.set_num_threads(cfg["threads"])
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -84,25 +101,28 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
                                     mesh_dim_names=("dp", "region"))
             region_group = mesh.get_group("region")
 
-        def loss_fn(logits):
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1))
+        def loss_fn(logits, target):
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1))
 
         lbi_t, pipe_t = [], []
-        rp = RegionParallel(lbi, mesh=mesh, comm=Comm(), timeout=cfg.get("timeout", 3600.0))
+        rp = RegionParallel(lbi, mesh=mesh, comm=Comm(), timeout=cfg.get("timeout", 3600.0),
+                            exchange=cfg.get("exchange", "allgather"))
         idx, tgt = shard_batch((idx, tgt), rp)  # this replica's rows
-        pipe = PipelineBaseline(base, layers, comm=Comm(region_group))
+        schedule, M = pipeline_schedule(cfg["batch"], cfg["world"])
+        pipe = PipelineRunner(base, layers, region_group, schedule=schedule, microbatches=M,
+                              loss_fn=loss_fn, comm=Comm(region_group))
         for _ in range(cfg["steps"]):
             rp.comm.records.clear()
             pipe.comm.records.clear()
             lbi.zero_grad(set_to_none=True)
             dist.barrier()
             t0 = time.perf_counter()
-            lbi_loss = rp.step((idx,), loss_fn)
+            lbi_loss = rp.step((idx,), loss_fn, target=tgt)
             lbi_t.append(dict(rp.timings, step=time.perf_counter() - t0))
             base.zero_grad(set_to_none=True)
             dist.barrier()
             t0 = time.perf_counter()
-            pipe_loss = pipe.step(idx, loss_fn, sync=True)
+            pipe_loss = pipe.step(idx, tgt)
             pipe_t.append(dict(pipe.timings, step=time.perf_counter() - t0))
         lbi_tot, pipe_tot = rp.comm.totals(), pipe.comm.totals()
         every: list = [None] * world
@@ -110,7 +130,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
         if rank == 0:
             Path(out).write_text(json.dumps(dict(
                 lbi=lbi_tot, pipe=pipe_tot, timings=every, lbi_loss=lbi_loss,
-                pipe_loss=pipe_loss, place=rp.place)))
+                pipe_loss=pipe_loss, place=rp.place, schedule=[schedule, M])))
         dist.barrier()  # nobody tears down the store (hosted by rank 0) while others use it
     finally:
         dist.destroy_process_group()
@@ -130,6 +150,8 @@ def check_config(cfg: dict) -> None:
         raise InputError(f"--k {cfg['k']}: LBI needs at least 2 regions (one boundary)")
     if cfg["dim"] % cfg["heads"]:
         raise InputError(f"--dim {cfg['dim']} must be a multiple of --heads {cfg['heads']}")
+    if cfg.get("vocab", 256) < 2:
+        raise InputError(f"--vocab {cfg['vocab']}: at least 2 tokens")
     placement(cfg["k"], cfg["world"])  # InputError when the ranks cannot all get a region
 
 
@@ -155,41 +177,43 @@ def _critical_path(res: dict) -> dict:
     def best(key: str, rank: int) -> dict:
         steps = res["timings"][rank][key]
         steps = steps[1:] or steps
-        return min(steps, key=lambda t: sum(t.values()))
+        return min(steps, key=lambda t: t["step"])
 
     world = len(res["timings"])
     compute = ("jacobian", "seed", "scan", "local", "prologue_bwd")
+    exch = ("allgather", "broadcast", "relay")
     per_rank = []
     for j in range(world):
         t = best("lbi", j)
-        per_rank.append({k: t.get(k, 0.0) for k in (*compute, "allgather", "broadcast")})
-    exchange = min(t["allgather"] + t["broadcast"] for t in per_rank)
+        per_rank.append({k: t.get(k, 0.0) for k in (*compute, *exch)})
+    exchange = min(sum(t[k] for k in exch) for t in per_rank)
     lbi = max(sum(t[k] for k in compute) for t in per_rank) + exchange
     after = max(sum(t[k] for k in compute if k != "jacobian") for t in per_rank) + exchange
-    pipe = max(best("pipe", j)["backward"] for j in range(world))
     return dict(lbi_critical_s=lbi, lbi_exchange_s=exchange, lbi_after_forward_s=after,
-                pipeline_backward_s=pipe,
                 lbi_step_s=max(best("lbi", j)["step"] for j in range(world)),
                 pipeline_step_s=max(best("pipe", j)["step"] for j in range(world)),
                 lbi_per_rank=per_rank)
 
 
 def summarize(cfg: dict, res: dict) -> dict:
-    lbi_b = sum(res["lbi"].get(p, 0) for p in ("scan_allgather", "mbar_broadcast"))
-    pipe_b = res["pipe"].get("pipe_backward_grad", 0)
+    from lbi_fx.distributed import step_bytes
+
+    lbi, pipe = step_bytes(res["lbi"]), step_bytes(res["pipe"])
     return dict(
         config={**{k: cfg.get(k, 1) for k in ("k", "world", "dp", "rank", "dtype", "batch",
-                                              "seq", "dim", "layers_per_region")},
-                "pool": cfg.get("pool", "mean")},
+                                              "seq", "dim", "layers_per_region", "vocab")},
+                "pool": cfg.get("pool", "mean"), "exchange": cfg.get("exchange", "allgather"),
+                "canvas_weights": cfg.get("canvas_weights", "shared")},
         placement=res["place"],
-        lbi_bytes=lbi_b,
-        pipeline_bytes=pipe_b,
-        ratio=pipe_b / lbi_b if lbi_b else float("inf"),
-        lbi_phases=res["lbi"],
-        pipeline_phases=res["pipe"],
-        lbi_grad_allreduce_bytes=res["lbi"].get("grad_allreduce", 0),
-        lbi_dp_allreduce_bytes=res["lbi"].get("dp_allreduce", 0),
-        pipeline_grad_allreduce_bytes=res["pipe"].get("grad_allreduce", 0),
+        pipeline_schedule=res.get("schedule"),
+        lbi_step_bytes=lbi["total"],
+        pipeline_step_bytes=pipe["total"],
+        step_ratio=pipe["total"] / lbi["total"] if lbi["total"] else float("inf"),
+        lbi=lbi, pipeline=pipe,
+        # the backward's exchange alone (the paper's ~56 KB figure)
+        lbi_bytes=sum(res["lbi"].get(p, 0) for p in ("scan_allgather", "mbar_broadcast",
+                                                     "mbar_relay")),
+        pipeline_bytes=res["pipe"].get("pipe_backward_grad", 0),
         lbi_loss=res["lbi_loss"],
         pipeline_loss=res["pipe_loss"],
     )
@@ -203,9 +227,12 @@ def _kb(b: float) -> str:
 def _transform(model, layers: list[list[int]], cfg: dict):
     import lbi_fx
 
+    kw = {}
+    if cfg.get("canvas_weights", "shared") != "shared":
+        kw["canvas_weights"] = cfg["canvas_weights"]
     return lbi_fx.transform(model, regions=[[f"layers.{i}" for i in ls] for ls in layers],
                             rank=cfg["rank"], example_inputs=(torch.zeros(2, 8, dtype=torch.long),),
-                            jacobian="reuse", pool=cfg.get("pool", "mean"),
+                            jacobian="reuse", pool=cfg.get("pool", "mean"), **kw,
                             **({"max_len": cfg["seq"]} if cfg.get("pool") in ("causal", "auto")
                                else {}))
 
@@ -226,6 +253,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dim", type=int, default=None, help="default 768")
     ap.add_argument("--heads", type=int, default=None, help="default 12")
     ap.add_argument("--layers-per-region", type=int, default=None, help="default 1")
+    ap.add_argument("--vocab", type=int, default=256,
+                    help="token vocabulary (default 256 bytes; 50257 is GPT-2's)")
+    ap.add_argument("--exchange", choices=["allgather", "relay"], default="allgather",
+                    help="LBI backward exchange (RegionParallel(exchange=...))")
+    ap.add_argument("--canvas-weights", choices=["shared", "per_region"], default="shared",
+                    help="transform(canvas_weights=...): per_region leaves no embedding "
+                         "gradient to all-reduce")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--timed", action="store_true",
                     help="backward critical path vs pipeline backward for K = world in "
@@ -261,7 +295,8 @@ def run(a: argparse.Namespace) -> int:
                         steps=3)
     cfg = {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in defaults.items()}
     cfg.update(world=cfg["k"] if a.world is None else a.world, threads=a.threads, pool=a.pool,
-               dp=a.dp, timeout=a.timeout)
+               dp=a.dp, timeout=a.timeout, vocab=a.vocab, exchange=a.exchange,
+               canvas_weights=a.canvas_weights)
     if a.timed and a.dp != 1:
         raise InputError("--timed compares one replica's critical paths: use it without --dp")
     if a.timed:
@@ -283,12 +318,11 @@ def run(a: argparse.Namespace) -> int:
             print(f"{_width(c)}, {c['dtype']} B={c['batch']} L={c['seq']} D={c['dim']} "
                   f"{c['layers_per_region']} blocks/region, one region per rank; seconds")
             print(f"{'K=world':>8} {'LBI crit':>9} {'exchange':>9} {'LBI after fwd':>14} "
-                  f"{'pipe bwd':>9} {'LBI step':>9} {'pipe step':>10}")
+                  f"{'LBI step':>9} {'pipe step':>10}")
             for r in rows:
                 print(f"{r['config']['world']:>8} {r['lbi_critical_s']:>9.3f} "
                       f"{r['lbi_exchange_s']:>9.4f} {r['lbi_after_forward_s']:>14.3f} "
-                      f"{r['pipeline_backward_s']:>9.3f} {r['lbi_step_s']:>9.3f} "
-                      f"{r['pipeline_step_s']:>10.3f}")
+                      f"{r['lbi_step_s']:>9.3f} {r['pipeline_step_s']:>10.3f}")
                 for j, t in enumerate(r["lbi_per_rank"]):
                     print("    rank", j, " ".join(f"{k}={v:.3f}" for k, v in t.items()))
         return 0
@@ -298,22 +332,20 @@ def run(a: argparse.Namespace) -> int:
         print(json.dumps(s, indent=1))
         return 0
     c = s["config"]
+    sched, M = s["pipeline_schedule"]
     print(f"K={c['k']} world={c['world']} dp={c['dp']} {_width(c)}, {c['dtype']} B={c['batch']} "
-          f"L={c['seq']} D={c['dim']} placement={s['placement']}")
-    print(f"  LBI backward bytes      {s['lbi_bytes']:>12,}  ({_kb(s['lbi_bytes'])}: "
-          f"J all-gather {s['lbi_phases'].get('scan_allgather', 0):,} + mbar broadcast "
-          f"{s['lbi_phases'].get('mbar_broadcast', 0):,})")
-    print(f"  pipeline backward bytes {s['pipeline_bytes']:>12,}  ({_kb(s['pipeline_bytes'])}: "
-          "(B, L, D) activation gradient per rank boundary)")
-    print(f"  ratio                   {s['ratio']:>12.1f}x")
-    print(f"  forward: LBI m_k sends {s['lbi_phases'].get('forward_m', 0):,} B, pipeline "
-          f"activations {s['pipeline_phases'].get('pipe_forward_act', 0):,} B")
-    print(f"  grad all-reduce (shared params): LBI {s['lbi_grad_allreduce_bytes']:,} B, "
-          f"pipeline {s['pipeline_grad_allreduce_bytes']:,} B")
-    if c["dp"] > 1:
-        print(f"  dp all-reduce (dp={c['dp']}, grads of each region rank's own parameters): "
-              f"LBI {s['lbi_dp_allreduce_bytes']:,} B ({_kb(s['lbi_dp_allreduce_bytes'])}) vs "
-              f"{s['lbi_bytes']:,} B region exchange per replica")
+          f"L={c['seq']} D={c['dim']} vocab={c['vocab']} placement={s['placement']}")
+    print(f"  bytes per step, all ranks: LBI ({c['exchange']}, {c['canvas_weights']} canvas) "
+          f"{s['lbi_step_bytes']:,} ({_kb(s['lbi_step_bytes'])}) vs pipelining {sched} M={M} "
+          f"{s['pipeline_step_bytes']:,} ({_kb(s['pipeline_step_bytes'])}): "
+          f"{s['step_ratio']:.1f}x fewer")
+    for kind in s["lbi"]["by_kind"]:
+        lb, pb = s["lbi"]["by_kind"][kind], s["pipeline"]["by_kind"][kind]
+        if lb or pb:
+            print(f"    {kind:<12} LBI {lb:>14,}   pipeline {pb:>14,}")
+    print("  by phase: LBI " + ", ".join(f"{p} {b:,}" for p, b in s["lbi"]["by_phase"].items()))
+    print("            pipeline " + ", ".join(f"{p} {b:,}"
+                                              for p, b in s["pipeline"]["by_phase"].items()))
     return 0
 
 
