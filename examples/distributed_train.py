@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--dp", type=int, default=1, help="data-parallel replicas (mesh dim 'dp')")
+    ap.add_argument("--microbatches", type=int, default=1, help="micro-batches per step")
+    ap.add_argument("--exchange", choices=["allgather", "relay"], default="allgather",
+                    help="backward exchange: J_k all-gathered, or mbar passed rank to rank")
+    ap.add_argument("--canvas-weights", choices=["shared", "per_region"], default="shared",
+                    help="per_region: each region its own embedding copy (no gradient all-reduce)")
     ap.add_argument("--timeout", type=float, default=60.0,
                     help="seconds a rank waits for a peer before the step fails, naming it")
     ap.add_argument("--save", default=None, help="checkpoint directory to write")
@@ -89,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     lbi = lbi_fx.transform(model, regions=[[f"layers.{k * per + i}" for i in range(per)]
                                            for k in range(K)],
                            rank=a.rank, example_inputs=(example,), max_len=a.seq,
-                           jacobian="reuse").to(device)
+                           jacobian="reuse", canvas_weights=a.canvas_weights).to(device)
     mesh = init_device_mesh(device.type, (a.dp, world // a.dp), mesh_dim_names=("dp", "region"))
-    rp = RegionParallel(lbi, mesh=mesh, timeout=a.timeout)
+    rp = RegionParallel(lbi, mesh=mesh, timeout=a.timeout, microbatches=a.microbatches,
+                        exchange=a.exchange)
     opt = torch.optim.AdamW([p for n, p in lbi.named_parameters() if n in set(rp.used)], lr=a.lr)
     torch.manual_seed(1000 + rank)  # each rank its own dropout stream
     try:
@@ -129,12 +135,12 @@ def main(argv: list[str] | None = None) -> int:
             x, y = x[:, :-1], x[:, 1:]
         x, y = shard_batch((x.to(device), y.to(device)), rp)  # this replica's rows
 
-        def loss_fn(logits, y=y):
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        def loss_fn(logits, target):
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
 
         rp.comm.records.clear()
         opt.zero_grad(set_to_none=True)
-        loss = rp.step((x,), loss_fn)
+        loss = rp.step((x,), loss_fn, target=y)
         opt.step()
         b = rp.comm.local_bytes()
         bar.set_postfix(loss=f"{loss:.4f}", bwd_B=sum(b.get(p, 0) for p in LBI_BACKWARD_PHASES),

@@ -287,6 +287,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     _add_command_parser(sub, "spl", "lbi_fx.spl_cli",
                         "stage-partitioned learning vs BP and LBI: the root-bottleneck table",
                         load=argv is None or argv[:1] == ["spl"])
+    _add_command_parser(sub, "plan", "lbi_fx.plan", "predict GPipe / 1F1B / LBI step times per "
+                        "link rate from a profile", load=argv is None or argv[:1] == ["plan"])
     b = sub.add_parser("bench", help="benchmarks: ratios against a baseline from the same run",
                        description="Benchmarks: each prints ratios against a baseline timed in "
                                    "the same run; bench NAME --help lists a bench's flags.")

@@ -616,6 +616,8 @@ class RegionParallel:
         self.rank, self.world = self.comm.rank, self.comm.world
         self.global_rank = dist.get_rank()
         self.dp_size = 1 if self.dp_group is None else dist.get_world_size(self.dp_group)
+        if self.dp_size == 1:  # a (1, n) mesh: nothing to average, so nothing to send
+            self.dp_group = None
         self.dp_rank = 0 if self.dp_group is None else dist.get_rank(self.dp_group)
         # the parameters several region ranks use are summed over this group (whole mesh)
         self.world_group = self.region_group if mesh is None else dist.group.WORLD

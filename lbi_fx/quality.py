@@ -47,6 +47,7 @@ class Variant:
     layers: int | None = None
     decoder_init: str = "default"
     norm: str = "layer"
+    canvas: str = "shared"  # transform(canvas_weights=...)
 
     @property
     def scalars(self) -> int:
@@ -64,20 +65,22 @@ class Variant:
             return "spl (detach, shared head)"
         zero = ", zero decoders" if self.decoder_init == "zero" else ""
         norm = "" if self.norm == "layer" else f", {self.norm} norm"
-        return f"{self.pool} {describe_width(self.rank, self.segments)}{zero}{norm}"
+        canvas = "" if self.canvas == "shared" else f", {self.canvas.replace('_', '-')} canvas"
+        return f"{self.pool} {describe_width(self.rank, self.segments)}{zero}{norm}{canvas}"
 
 
 def variants(budgets: tuple[int, ...], seq: int, layers: int = 6, region_size: int = 2,
              leaky: bool = True, designs: bool = True, spl: bool = True,
              ranks: tuple[int, ...] = (4, 16),
-             norms: tuple[str, ...] = ("layer",)) -> list[Variant]:
+             norms: tuple[str, ...] = ("layer",),
+             canvases: tuple[str, ...] = ("shared",)) -> list[Variant]:
     """Dense at full depth, at the depth of one region and of K-1 regions (the honest
     baselines: an LBI model that does not beat one region trained alone has thrown the
     earlier regions away); then per budget b: mean and last with r = b (``leaky``),
     causal with r in {4, 16} and S = b / r segments (S = 1 would carry nothing causal; S
     must divide the sequence), each causal row also with zero-initialised decoders
-    (``designs``) and with every interface norm of ``norms``; then SPL on the same
-    partition."""
+    (``designs``), with every interface norm of ``norms`` and canvas weights of
+    ``canvases``; then SPL on the same partition."""
     rows = [Variant()]
     for depth in dict.fromkeys((region_size, layers - region_size)):
         if 0 < depth < layers:
@@ -88,7 +91,8 @@ def variants(budgets: tuple[int, ...], seq: int, layers: int = 6, region_size: i
         for r in ranks:
             if b % r == 0 and 1 < b // r <= seq and seq % (b // r) == 0:
                 for norm in norms:
-                    rows.append(Variant("causal", r, b // r, norm=norm))
+                    for canvas in canvases:
+                        rows.append(Variant("causal", r, b // r, norm=norm, canvas=canvas))
                 if designs:
                     rows.append(Variant("causal", r, b // r, decoder_init="zero"))
     if spl:
@@ -109,6 +113,7 @@ class Config(RunConfig):
     spl: bool = True        # the stage-partitioned learning row
     ranks: tuple[int, ...] = (4, 16)  # per-row ranks of the causal rows
     norms: tuple[str, ...] = ("layer",)  # interface norms of the causal rows
+    canvases: tuple[str, ...] = ("shared",)  # canvas weights of the causal rows
     # dense rows taken from an earlier run of the same config and seeds (name -> row):
     # dense training is deterministic per seed and thread count, so it need not rerun
     reuse_dense: dict | None = None
@@ -142,7 +147,8 @@ def build(cfg: Config, v: Variant, dense: torch.nn.Module, example: tuple):
         if v.pool in ("mean", "last"):  # leaky on purpose: these rows measure the leak
             warnings.simplefilter("ignore", lbi_fx.CausalityWarning)
         return lbi_fx.transform(model, regions, rank=v.rank, example_inputs=example, pool=v.pool,
-                                decoder_init=v.decoder_init, interface_norm=v.norm, **kw)
+                                decoder_init=v.decoder_init, interface_norm=v.norm,
+                                canvas_weights=v.canvas, **kw)
 
 
 @torch.no_grad()
@@ -218,7 +224,8 @@ def run_table(cfg: Config, progress: bool = True) -> tuple[list[dict], dict]:
     val = [corpus.get_batch("val", cfg.batch, cfg.seq, gval) for _ in range(cfg.eval_batches)]
     example = (torch.randint(0, 256, (2, cfg.seq), generator=torch.Generator().manual_seed(0)),)
     table = variants(cfg.budgets, cfg.seq, cfg.layers, cfg.region_size, cfg.leaky,
-                     cfg.designs, cfg.spl, cfg.ranks, cfg.norms)
+                     cfg.designs, cfg.spl, cfg.ranks, cfg.norms,
+                     cfg.canvases)
     runs: dict[Variant, list[dict]] = {v: [] for v in table}
     curves = {}
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
@@ -260,6 +267,7 @@ def run_table(cfg: Config, progress: bool = True) -> tuple[list[dict], dict]:
             "spread": round((max(free) - min(free)) / 2, 4),
             "bpb_leak_free": round(statistics.fmean(free) / math.log(2), 4),
             "norm": v.norm if v.model == "lbi" else None,
+            "canvas_weights": v.canvas if v.model == "lbi" else None,
             "steps": cfg.steps, "seeds": cfg.seeds, "seed": cfg.seed,
             "step_ratio": round(step_s / base_step, 2),
             "step_ms": round(1e3 * step_s, 1),
@@ -348,6 +356,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-spl", action="store_true", help="leave out the SPL row")
     p.add_argument("--norms", help="interface norms of the causal rows, comma-separated "
                                    "(layer, rms, none; default layer)")
+    p.add_argument("--canvas-weights", default=None,
+                   help="canvas weights of the causal rows, comma-separated (shared, per_region; "
+                        "default shared)")
     p.add_argument("--reuse-dense", metavar="JSON",
                    help="take the dense rows from an earlier --json run of the same config "
                         "and seeds (dense training is deterministic per seed and thread count)")
@@ -397,6 +408,13 @@ def run(args: argparse.Namespace) -> int:
             raise lbi_fx.InputError(f"--norms {args.norms!r}: {bad[0]!r} is not one of "
                                     f"{', '.join(lbi_fx.interfaces.NORMS)}")
         cfg.norms = norms
+    if args.canvas_weights:
+        canvases = tuple(c.strip() for c in args.canvas_weights.split(","))
+        bad = [c for c in canvases if c not in ("shared", "per_region")]
+        if bad:
+            raise lbi_fx.InputError(f"--canvas-weights {args.canvas_weights!r}: {bad[0]!r} is "
+                                    "not one of shared, per_region")
+        cfg.canvases = canvases
     if args.reuse_dense:
         cfg.reuse_dense = reuse_rows(args.reuse_dense, cfg)
     cfg.eval_every = min(cfg.eval_every, cfg.steps)

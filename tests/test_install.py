@@ -29,10 +29,12 @@ FAILURES: dict[str, list[str]] = {
     "parity": ["parity", "--backends", "nope"],
     "quality": ["quality", "--budgets", "x"],
     "spl": ["spl", "--compositions", "x"],
+    "plan": ["plan", "--microbatches", "3"],
     "bench scan": ["bench", "scan", "--repeat", "0"],
     "bench step": ["bench", "step", "--layers", "2", "--region-size", "2"],
     "bench comm": ["bench", "comm", "--k", "2", "--world", "3"],
     "bench pgf": ["bench", "pgf", "--lengths", "x"],
+    "bench crossover": ["bench", "crossover", "--microbatches", "x"],
 }
 # The quickest successful run of each sub-command, and its exit status.
 QUICK: dict[str, tuple[list[str], int]] = {
@@ -43,6 +45,8 @@ QUICK: dict[str, tuple[list[str], int]] = {
                 "--json"], 0),
     "quality": (["quality", "--quick", "--no-progress", "--json"], 0),
     "spl": (["spl", "--quick", "--no-progress", "--json", "--threads", "1"], 0),
+    "plan": (["plan", "--layers", "2", "--region-size", "1", "--width", "16", "--heads", "2",
+              "--seq", "8", "--batch", "2", "--reps", "1", "--warmup", "0", "--json"], 0),
     "bench scan": (["bench", "scan", "--quick", "--repeat", "1", "--threads", "1", "--json"], 0),
     "bench step": (["bench", "step", "--layers", "2", "--region-size", "1", "--width", "16",
                     "--batch", "2", "--seq", "8", "--steps", "1", "--rank", "4",
@@ -50,6 +54,10 @@ QUICK: dict[str, tuple[list[str], int]] = {
     "bench comm": (["bench", "comm", "--k", "2", "--world", "2", "--dim", "16", "--seq", "8",
                     "--heads", "2", "--rank", "4", "--dtype", "fp32", "--json"], 0),
     "bench pgf": (["bench", "pgf", "--quick", "--no-mamba2", "--json"], 0),
+    "bench crossover": (["bench", "crossover", "--modeled", "--rates", "unshaped", "--layers", "2",
+                         "--region-size", "1", "--width", "16", "--heads", "2", "--seq", "8",
+                         "--batch", "2", "--steps", "2", "--warmup", "1", "--microbatches", "1",
+                         "--no-progress", "--json"], 0),
 }
 
 # Runs inside the installed package: lists the sub-commands, then calls the CLI's main()

@@ -21,6 +21,7 @@ BENCHES: dict[str, str] = {
     "step": "step",
     "comm": "comm",
     "pgf": "pgf",
+    "crossover": "crossover",
 }
 
 

@@ -232,7 +232,8 @@ def _transform(model, layers: list[list[int]], cfg: dict):
         kw["canvas_weights"] = cfg["canvas_weights"]
     return lbi_fx.transform(model, regions=[[f"layers.{i}" for i in ls] for ls in layers],
                             rank=cfg["rank"], example_inputs=(torch.zeros(2, 8, dtype=torch.long),),
-                            jacobian="reuse", pool=cfg.get("pool", "mean"), **kw,
+                            jacobian=cfg.get("jacobian", "reuse"), chunk=cfg.get("chunk"),
+                            pool=cfg.get("pool", "mean"), **kw,
                             **({"max_len": cfg["seq"]} if cfg.get("pool") in ("causal", "auto")
                                else {}))
 
@@ -260,6 +261,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--canvas-weights", choices=["shared", "per_region"], default="shared",
                     help="transform(canvas_weights=...): per_region leaves no embedding "
                          "gradient to all-reduce")
+    ap.add_argument("--jacobian", choices=["reuse", "recompute"], default="reuse",
+                    help="how ranks build J_k (recompute: less memory, for long sequences)")
+    ap.add_argument("--chunk", type=int, default=None,
+                    help="with --jacobian recompute: replicas per rerun (memory x chunk)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--timed", action="store_true",
                     help="backward critical path vs pipeline backward for K = world in "
@@ -296,7 +301,7 @@ def run(a: argparse.Namespace) -> int:
     cfg = {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in defaults.items()}
     cfg.update(world=cfg["k"] if a.world is None else a.world, threads=a.threads, pool=a.pool,
                dp=a.dp, timeout=a.timeout, vocab=a.vocab, exchange=a.exchange,
-               canvas_weights=a.canvas_weights)
+               canvas_weights=a.canvas_weights, jacobian=a.jacobian, chunk=a.chunk)
     if a.timed and a.dp != 1:
         raise InputError("--timed compares one replica's critical paths: use it without --dp")
     if a.timed:
