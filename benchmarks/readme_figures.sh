@@ -37,8 +37,17 @@ if want step; then
   done
 fi
 if want comm; then
-  run comm "$PY" -m lbi_fx bench comm --seq 128 --json   # L = 1024 takes over 30 min on 2 cores
+  # GPT-2 vocabulary at L = 1024, fp32 (bf16 VJPs take over 30 min on 2 cores)
+  L1024=(--json --vocab 50257 --dtype fp32 --jacobian recompute --chunk 4)
+  run comm_L1024_vocab50257_shared_allgather "$PY" -m lbi_fx bench comm "${L1024[@]}"
+  run comm_L1024_vocab50257_per_region_relay "$PY" -m lbi_fx bench comm "${L1024[@]}" \
+    --exchange relay --canvas-weights per_region
   run comm_timed "$PY" -m lbi_fx bench comm --timed --json
+fi
+if want crossover; then  # needs root (tc on loopback); --modeled otherwise
+  run crossover "$PY" -m lbi_fx bench crossover --rates unshaped,1gbit,100mbit,50mbit,30mbit,10mbit \
+    --json --plot docs/crossover.png --no-progress
+  "$PY" -m lbi_fx plan --validate benchmarks/results/crossover.json > benchmarks/results/plan_validate.txt
 fi
 if want pgf; then
   run pgf "$PY" -m lbi_fx bench pgf --json --threads 1 --plot docs/pgf_memory.png

@@ -63,6 +63,9 @@ LABELS = {"gpipe": "GPipe", "1f1b": "1F1B", "lbi_shared": "LBI shared canvas",
           "lbi_shared_relay": "LBI shared canvas, relay",
           "lbi_per_region": "LBI per-region canvas",
           "lbi_per_region_relay": "LBI per-region canvas, relay"}
+COLUMNS = {"gpipe": "GPipe", "1f1b": "1F1B", "lbi_shared": "LBI shared",
+           "lbi_shared_relay": "shared, relay", "lbi_per_region": "LBI per-region",
+           "lbi_per_region_relay": "per-region, relay"}  # table headings
 SKIP_PHASES = ("pipe_meta", "init_broadcast")  # once per run, not per step
 DEFAULT_RATES = "unshaped,1gbit,100mbit,10mbit"
 DTYPE_BYTES = 4  # fp32
@@ -389,13 +392,13 @@ def report(s: dict) -> str:
     lines.append(f"median step seconds (max over ranks; {c['steps'] - c['warmup']} timed steps "
                  f"after {c['warmup']} warm-up), best M{tag}")
     cols = list(METHODS)
-    lines.append(f"{'rate':<10}" + "".join(f"{LABELS[m]:>24}" for m in cols))
+    lines.append(f"{'rate':<10}" + "".join(f"{COLUMNS[m]:>19}" for m in cols))
     for rate in s["rates"]:
         cells = []
         for m in cols:
             t = s["table"][rate][m]
             cells.append("skipped" if t is None else f"{t['median_s']:.3f} (M={t['microbatches']})")
-        lines.append(f"{rate:<10}" + "".join(f"{x:>24}" for x in cells))
+        lines.append(f"{rate:<10}" + "".join(f"{x:>19}" for x in cells))
     lines.append("bytes per step (all ranks; wire = estimated bytes on the link)")
     for m in METHODS:
         per_m = s["bytes"].get(m)
@@ -403,11 +406,11 @@ def report(s: dict) -> str:
             continue
         vals = list(per_m.items())
         if all(v == vals[0][1] for _, v in vals):
-            lines.append(f"  {LABELS[m]:<22} {_fmt_bytes(vals[0][1])}"
+            lines.append(f"  {LABELS[m]:<30} {_fmt_bytes(vals[0][1])}"
                          + ("  (every M)" if len(vals) > 1 else ""))
         else:
             for mm, b in vals:
-                lines.append(f"  {LABELS[m] + f' M={mm}':<22} {_fmt_bytes(b)}")
+                lines.append(f"  {LABELS[m] + f' M={mm}':<30} {_fmt_bytes(b)}")
     cross = s["crossover"]
     lines.append(cross["text"] + tag)
     if cross["break_even"] is not None:
