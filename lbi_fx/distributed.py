@@ -260,7 +260,7 @@ PHASE_KINDS = {
     "forward_m": "activations", "mbar_broadcast": "activations", "mbar_relay": "activations",
     "pipe_forward_act": "activations", "pipe_backward_grad": "activations",
     "scan_allgather": "jacobians",
-    "grad_allreduce": "param_grads",
+    "grad_allreduce": "param_grads", "grad_rows": "param_grads",
     "dp_allreduce": "dp_grads",
     "loss": "control",
     "init_broadcast": "setup", "pipe_meta": "setup",
@@ -593,6 +593,8 @@ class RegionParallel:
     # names this object's store keys, with its ranks: the ranks of one group construct
     # their RegionParallels in the same order
     _instances = 0
+    # shared matrices with at least this many rows reduce only the rows a batch touched
+    row_sparse_min_rows = 1024
 
     def __init__(self, lbi: nn.Module, group=None, *, mesh=None, timeout: float = 60.0,
                  comm: Comm | None = None, sync_params: bool = True, microbatches: int = 1,
@@ -660,6 +662,10 @@ class RegionParallel:
             ranks = (set(range(self.world)) if who is None else
                      {self.last if k == "epilogue" else self.owner[k] for k in who})
             users.setdefault(id(p), set()).update(ranks)
+        # an embedding's gradient is zero outside the batch's tokens, unless the epilogue
+        # reads it too (a tied head: dense)
+        self._row_sparse = {id(p) for p in _trainable(progs["prologue"])
+                            if "epilogue" not in (reach.get(names.get(id(p))) or {"epilogue"})}
         for p in _trainable(progs["epilogue"]):
             users.setdefault(id(p), set()).add(self.last)
         for k, rgm in enumerate(progs["regions"]):
@@ -939,7 +945,9 @@ class RegionParallel:
                     torch.autograd.backward(roots, grads)
         W.enter("allreduce")
         with T("allreduce"):
-            for ps, flat in _flat_by_dtype(self.shared):
+            dense = _reduce_touched_rows(comm, self.shared, self.world_group, 1.0 / self.dp_size,
+                                         prev, self.row_sparse_min_rows, self._row_sparse)
+            for ps, flat in _flat_by_dtype(dense):
                 comm.all_reduce(flat, "grad_allreduce", self.world_group)
                 _unflatten_into(ps, flat, 1.0 / self.dp_size, prev)
             if self.dp_group is not None:  # this rank's own canvas copies (per_region)
@@ -1000,6 +1008,46 @@ class RegionParallel:
                 f"{float(val[1]) / n:g}): averaging gradients over dp gives the mean loss only "
                 "for equal shards; cut them with lbi_fx.distributed.shard_batch")
         return float(val[0])
+
+
+def _reduce_touched_rows(comm: Comm, params: Sequence[nn.Parameter], group, scale: float,
+                         prev: dict, min_rows: int, sparse: set[int]) -> list[nn.Parameter]:
+    """All-reduce only the rows some rank touched of each shared matrix with at least
+    ``min_rows`` rows (an embedding's gradient is zero outside the batch's tokens): one
+    all-reduce of a row mask (V + 1 elements: the last says "some rank has a gradient"),
+    then one of the union's rows, where that is smaller than the whole matrix. Exact:
+    the rows left out are zero on every rank. Returns the parameters left for the dense
+    all-reduce (every rank decides alike: the shapes and the reduced mask agree).
+    ``sparse``: ids of the parameters that may be row-sparse (prologue parameters no
+    epilogue reads)."""
+    rest = []
+    for p in params:
+        if p.dim() != 2 or p.shape[0] < min_rows or id(p) not in sparse:
+            rest.append(p)
+            continue
+        g = p.grad
+        mask = p.new_zeros(p.shape[0] + 1)
+        if g is not None:
+            mask[:-1] = (g != 0).any(dim=1).to(mask.dtype)
+            mask[-1] = 1
+        comm.all_reduce(mask, "grad_rows", group)
+        old = prev.pop(p, None)
+        if mask[-1] == 0:  # no rank has a gradient: .grad keeps its earlier value
+            p.grad = old
+            continue
+        rows = (mask[:-1] > 0).nonzero().squeeze(1)
+        if (rows.numel() + 1) * p.shape[1] >= p.numel():  # not smaller: the whole matrix
+            buf = (g if g is not None else torch.zeros_like(p)).contiguous().clone()
+            comm.all_reduce(buf, "grad_allreduce", group)
+            full = buf
+        else:
+            buf = g[rows] if g is not None else p.new_zeros(rows.numel(), p.shape[1])
+            comm.all_reduce(buf, "grad_allreduce", group)
+            full = torch.zeros_like(p)
+            full[rows] = buf
+        full = full * scale if scale != 1.0 else full
+        p.grad = full if old is None else old + full
+    return rest
 
 
 def _row_slices(fs: list[dict]) -> list[slice]:

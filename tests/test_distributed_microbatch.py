@@ -29,7 +29,9 @@ def _model(dtype: torch.dtype, **kw):
     from lbi_fx.models.transformer import build
 
     torch.manual_seed(0)  # interface modules draw from the global RNG: same model everywhere
-    model, (idx,) = build(n_layer=3, n_embd=D, n_head=2, block_size=L, batch=B, seq=L, seed=3)
+    tie = kw.pop("tie_weights", True)
+    model, (idx,) = build(n_layer=3, n_embd=D, n_head=2, block_size=L, batch=B, seq=L, seed=3,
+                          tie_weights=tie)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", lbi_fx.FallbackWarning)
         lbi = lbi_fx.transform(model, regions=[[f"layers.{k}"] for k in range(3)], rank=4,
@@ -86,6 +88,31 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                 one=one, two=two, loss=abs(loss - float(ref_loss.detach())), phases=phases,
                 others=others, widths=lbi.ranks, place=rp.place,
                 shared=sorted(n for n, p in params.items() if any(p is q for q in rp.shared)))
+        if dtype == torch.float64 and model == "shared":  # the touched rows of wte only
+            sparse = {}
+            rp = RegionParallel(lbi, microbatches=1)  # tied: the head's gradient is dense
+            rp.row_sparse_min_rows = 16
+            lbi.zero_grad(set_to_none=True)
+            rp.step((idx,), loss_fn, target=tgt)
+            tied = dict(err=_rel({n: p.grad for n, p in params.items()}, {n: ref[n] for n in rp.used}),
+                        phases=sorted({r.phase for r in rp.comm.records}))
+            lbi, idx, tgt = _model(dtype, tie_weights=False)  # tied, the head makes it dense
+            lbi.backward = "autograd"
+            params = dict(lbi.named_parameters())
+            ref = dict(zip(params, torch.autograd.grad(loss_fn(lbi(idx), tgt),
+                                                       list(params.values()), allow_unused=True)))
+            lbi.backward = "scan"
+            for min_rows in (10**9, 16):  # dense all-reduce, then rows a batch touched
+                lbi.zero_grad(set_to_none=True)
+                rp = RegionParallel(lbi, microbatches=2, exchange="relay")
+                rp.row_sparse_min_rows = min_rows
+                rp.step((idx,), loss_fn, target=tgt)
+                sparse[min_rows] = dict(
+                    err=_rel({n: p.grad for n, p in params.items()}, {n: ref[n] for n in rp.used}),
+                    bytes={ph: sum(r.bytes for r in rp.comm.records if r.phase == ph)
+                           for ph in ("grad_allreduce", "grad_rows")})
+            result["sparse"] = dict(sparse=sparse[16], dense=sparse[10**9], tied=tied,
+                                    tokens=int(torch.unique(idx).numel()))
     dist.barrier()
     dist.destroy_process_group()
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
@@ -177,3 +204,22 @@ def test_per_region_canvas_reduces_no_parameter_gradient(runs, M, exchange):
                                     "mbar_broadcast", "loss"}
     shared = runs[0]["torch.float64/1/relay"]
     assert "grad_allreduce" in shared["phases"]  # the shared canvas does all-reduce
+
+
+def test_shared_embedding_reduces_only_the_rows_a_batch_touched(runs):
+    """Shared canvas, untied head: the token embedding's all-reduce carries the rows some
+    rank touched (plus a row mask), not all 256 x 16; gradients stay exact. (A tied head's
+    gradient is dense: it is left to the dense all-reduce, with no mask.)"""
+    for rank, res in enumerate(runs):
+        r = res["sparse"]
+        assert r["sparse"]["err"] <= 1e-10 and r["dense"]["err"] <= 1e-10, (rank, r)
+        rows = r["tokens"]  # every rank runs the prologue on the same tokens
+        # wpe (8 x 16) and m_0's flags stay dense; wte: rows x 16 + a (256 + 1) mask
+        dense_wte = 256 * 16 * 8
+        saved = r["dense"]["bytes"]["grad_allreduce"] - r["sparse"]["bytes"]["grad_allreduce"]
+        assert saved == dense_wte + 8 - rows * 16 * 8, (rank, r)  # + wte's flag element
+        assert r["sparse"]["bytes"]["grad_rows"] == (256 + 1) * 8
+        assert r["dense"]["bytes"]["grad_rows"] == 0
+        tied = r["tied"]  # the tied embedding: no mask, one dense all-reduce, still exact
+        assert "grad_rows" not in tied["phases"] and "grad_allreduce" in tied["phases"]
+        assert tied["err"] <= 1e-10
