@@ -103,3 +103,44 @@ def test_interface_norm_ranks_are_checked():
                          interface_norm="rms")
     with pytest.raises(lbi_fx.InputError, match="interface_norm='rms'"):
         lbi_fx.transform(model, lbi_fx.every(2, "layers"), rank=2, example_inputs=(idx,))
+
+
+def test_quality_flags_for_the_designs_refuse_bad_values(tmp_path):
+    """--norms, --canvas-weights and --reuse-dense name the bad value before any training."""
+    import json
+
+    from lbi_fx import quality
+
+    with pytest.raises(lbi_fx.InputError, match="'batch' is not one of layer, rms, none"):
+        quality.main(["--quick", "--norms", "layer,batch"])
+    with pytest.raises(lbi_fx.InputError, match="'tied' is not one of shared, per_region"):
+        quality.main(["--quick", "--canvas-weights", "tied"])
+    with pytest.raises(lbi_fx.InputError, match="cannot read a JSON table"):
+        quality.main(["--quick", "--reuse-dense", str(tmp_path / "missing.json")])
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([{"model": "dense", "name": "dense", "steps": 6000, "seeds": 1}]))
+    with pytest.raises(lbi_fx.InputError, match="has steps 6000, this run 30"):
+        quality.main(["--quick", "--reuse-dense", str(other)])
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(lbi_fx.InputError, match="no dense rows"):
+        quality.main(["--quick", "--reuse-dense", str(empty)])
+
+
+def test_reused_dense_rows_stand_in_for_training_them(tmp_path):
+    """A table built with --reuse-dense carries the given dense rows verbatim (marked
+    reused) and scores depth recovery against them."""
+    from lbi_fx.quality import Config, run_table
+
+    cfg = Config.quick()
+    cfg.steps, cfg.eval_every, cfg.leaky, cfg.designs, cfg.spl, cfg.ranks = 2, 2, False, False, False, (4,)
+    fake = {"dense": dict(model="dense", name="dense", ce=3.0, ce_leak_free=3.0, step_ms=10.0),
+            "dense 2 layers": dict(model="dense", name="dense 2 layers", ce=4.0,
+                                   ce_leak_free=4.0, step_ms=5.0)}
+    cfg.reuse_dense = fake
+    rows, _ = run_table(cfg, progress=False)
+    assert [r["name"] for r in rows[:2]] == ["dense", "dense 2 layers"]
+    assert rows[0]["reused"] and rows[1]["reused"]
+    lbi = rows[-1]
+    assert lbi["model"] == "lbi" and "reused" not in lbi
+    assert lbi["depth_recovery"] == pytest.approx((4.0 - lbi["ce_leak_free"]) / 1.0, abs=1e-3)
