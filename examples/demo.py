@@ -23,10 +23,10 @@ import time
 import torch
 
 import lbi_fx
-from lbi_fx.data import load_corpus
 from lbi_fx.models import GPT, GPTConfig
+from lbi_fx.models.data import load_corpus
+from lbi_fx.models.training import train_side_by_side
 from lbi_fx.testing import gradient_parity, prefix_loss
-from lbi_fx.training import train_side_by_side
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.AdamW([p for n, p in lbi.named_parameters() if n in set(rp.used)], lr=a.lr)
     torch.manual_seed(1000 + rank)  # each rank its own dropout stream
     try:
-        from lbi_fx.data import load_corpus
+        from lbi_fx.models.data import load_corpus
 
         corpus = load_corpus(max_bytes=500_000)
     except Exception:  # no stdlib sources: random bytes still exercise the machinery

@@ -59,10 +59,8 @@ __version__ = "0.1.0"
 # Public submodules, reachable as attributes after a bare `import lbi_fx` (lbi_fx.testing,
 # lbi_fx.models, ...) but imported on first use, so `import lbi_fx` stays cheap.
 SUBMODULES = frozenset({
-    "api", "bench", "causality", "checkpoint", "cli", "data", "distributed", "errors",
-    "kernels", "models", "parity", "passes", "pgf", "pipelining", "quality", "regions",
-    "report", "spl",
-    "testing", "training",
+    "api", "bench", "causality", "checkpoint", "cli", "distributed", "errors", "kernels",
+    "models", "passes", "pgf", "pipelining", "plan", "regions", "report", "spl", "testing",
 })
 
 

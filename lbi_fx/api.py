@@ -9,7 +9,15 @@ from torch import nn
 
 from lbi_fx.analysis import analyze, normalize_rank, separator_report
 from lbi_fx.errors import InputError, RewriteError
-from lbi_fx.interfaces import DECODER_INITS, MIN_RANKS, NORMS, POOLS, Segments, rank_problem
+from lbi_fx.interfaces import (
+    DECODER_INITS,
+    MIN_RANKS,
+    NORMS,
+    POOLS,
+    SUMMARIES,
+    Segments,
+    rank_problem,
+)
 from lbi_fx.passes.shape_prop import output_tensor
 from lbi_fx.regions import RegionSpec
 from lbi_fx.report import SeparatorReport
@@ -66,6 +74,7 @@ def transform(
     decoder_init: str = "default",
     interface_norm: str = "layer",
     canvas_weights: str = "shared",
+    summary: str = "prefix",
 ):
     """Rewrite ``model`` into a bounded-interface model whose backward is Algorithm 1.
 
@@ -88,7 +97,9 @@ def transform(
     ``max_len`` defaults to the example inputs' sequence length, ``segment_len`` to
     ceil(max_len / 4). ``rank`` is per row and at least 3: the interface's LayerNorm
     leaves r - 2 degrees of freedom. ``interface_norm="rms"`` (RMSNorm, r - 1 left, rank
-    >= 2) or ``"none"`` (all r, rank >= 1) keep more of a small row.
+    >= 2) or ``"none"`` (all r, rank >= 1) keep more of a small row. ``summary="latest"``
+    / ``"recent"`` (causal pools only) let each causal encoder read, beside the prefix
+    mean, the last position before the row / the whole segment before it.
 
     The result shares parameters with ``model`` (deep-copy the model first for an
     independent copy). Raises an ``LBIError`` subclass naming the culprit when the
@@ -117,6 +128,11 @@ def transform(
         raise InputError(f"canvas_weights={canvas_weights!r}: choose one of {', '.join(CANVAS_WEIGHTS)}")
     if interface_norm not in NORMS:
         raise InputError(f"interface_norm={interface_norm!r}: choose one of {', '.join(NORMS)}")
+    if summary not in SUMMARIES:
+        raise InputError(f"summary={summary!r}: choose one of {', '.join(SUMMARIES)}")
+    if summary != "prefix" and pool in ("mean", "last"):
+        raise InputError(f"summary={summary!r} reads whole causal segments; pool={pool!r} has "
+                         "none (use pool='causal' or 'auto')")
     a = analyze(model, regions, example_inputs, leaf_modules=leaf_modules)
     K = a.num_regions
     ranks = normalize_rank(rank, K - 1)
@@ -130,6 +146,9 @@ def transform(
     check_state_writes(a.gm, K)
     mark_seq_axes(a.gm, a.example_inputs)
     layout = choose_pool(a, pool, segment_len=segment_len, max_len=max_len, canvas=canvas)
+    if summary != "prefix" and layout.segments is None:
+        raise InputError(f"summary={summary!r} reads whole causal segments, but pool='auto' "
+                         f"chose {layout.pool!r} for this model; pass pool='causal' or drop summary=")
     rows = layout.segments.count if layout.segments is not None else 1
     widths = [r * rows for r in ranks]  # scalars per sample each m_k carries
     dense = separator_report(a.gm, a.regions, a.batch)
@@ -143,7 +162,8 @@ def transform(
     info = getattr(a.gm.graph._codegen, "pytree_info", None)
     plan = insert_interfaces(a.gm, K, ranks, encoder=encoder, pool=layout.pool, canvas=canvas,
                              decoder_init=decoder_init, norm=interface_norm,
-                             segments=layout.segments)
+                             segments=layout.segments,
+                             summary=summary)
     if canvas_weights == "per_region":
         per_region_canvas(a.gm, K)
     propagate_shapes(a.gm, a.example_inputs)

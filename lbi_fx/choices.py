@@ -115,7 +115,7 @@ def _caller_level() -> int:
 def _from_cli() -> bool:
     """Is the ``lbi-fx`` command line running this (``lbi_fx.cli.main`` on the stack)?
     Its users have no ``lbi`` object to call ``explain()`` on."""
-    cli = os.path.join("lbi_fx", "cli.py")
+    cli = os.path.join("lbi_fx", "cli", "__init__.py")
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name == "main" and frame.f_code.co_filename.endswith(cli):

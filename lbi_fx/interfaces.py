@@ -28,6 +28,10 @@ DECODER_INITS = ("default", "zero")
 NORMS = ("layer", "rms", "none")
 MIN_RANKS = {"layer": 3, "rms": 2, "none": 1}
 MIN_RANK = MIN_RANKS["layer"]
+# What a causal encoder reads of the positions before row s: "prefix" their mean;
+# "latest" that mean and the last position before segment s; "recent" that mean and,
+# position by position, the whole segment before s.
+SUMMARIES = ("prefix", "latest", "recent")
 
 
 def rank_problem(rank: int, norm: str = "layer") -> str:
@@ -119,6 +123,34 @@ def prefix_pool(x: torch.Tensor, seg: Segments) -> torch.Tensor:
     return before / counts[:, None]
 
 
+def recent_segment(x: torch.Tensor, seg: Segments) -> torch.Tensor:
+    """(B, L, ..., D) -> (B, S, segment_len * D): row s holds every position of segment
+    s - 1 side by side (zeros for s = 0 and past the input's end), so row s sees only
+    positions before segment s, each at its own place."""
+    seg.check(x.shape[1])
+    x = x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1]).mean(dim=2) if x.dim() > 3 else x
+    B, L, D = x.shape
+    full = seg.count * seg.length
+    rows = torch.nn.functional.pad(x, (0, 0, 0, full - L)).reshape(B, seg.count, seg.length * D)
+    return torch.nn.functional.pad(rows[:, :-1], (0, 0, 1, 0))
+
+
+def causal_summary(x: torch.Tensor, seg: Segments, summary: str) -> torch.Tensor:
+    """What a causal encoder reads per row: the prefix mean, then the last position
+    before the row (``"latest"``) or the whole segment before it (``"recent"``)."""
+    if summary == "prefix":
+        return prefix_pool(x, seg)
+    recent = recent_segment(x, seg)
+    if summary == "latest":
+        recent = recent[..., -x.shape[-1]:]  # the segment's last position
+    return torch.cat([prefix_pool(x, seg), recent], dim=-1)
+
+
+def summary_positions(summary: str, seg: Segments | None) -> int:
+    """Positions a causal summary reads beside the prefix mean."""
+    return {"prefix": 0, "latest": 1, "recent": seg.length if seg is not None else 0}[summary]
+
+
 def spread(d: torch.Tensor, length: int, seg: Segments) -> torch.Tensor:
     """(B, S, D) -> (B, length, D): position t reads row t // segment_len."""
     seg.check(length)
@@ -136,18 +168,25 @@ class InterfaceEncoder(nn.Module):
     first, so a channels-first (B, D, L) tensor pools over L and encodes D features.
     LayerNorm over r scalars keeps r - 2 degrees of freedom (mean and scale go), so
     r < 3 per row would carry a constant (r = 1) or a sign (r = 2): refused.
+    ``summary="latest"`` / ``"recent"`` (causal only) also feed the encoder the last
+    position before each row / the whole segment before it position by position, not just
+    the blurred prefix mean: the deep features a later region most needs are the nearest.
     """
 
     def __init__(self, in_features: list[int], rank: int, hidden: int, *, kind: str = "mlp",
                  pool: str = "mean", residual: bool = True, in_rank: int | None = None,
                  segments: Segments | None = None, seq_axes: list[int | None] | None = None,
-                 norm: str = "layer"):
+                 norm: str = "layer", summary: str = "prefix"):
         super().__init__()
         if (pool == "causal") != (segments is not None):
             raise RewriteError("pool='causal' needs a segment layout, and only it takes one "
                                "(a bug in lbi-fx's rewrite; please report it)")
         if norm not in NORMS:
             raise InputError(f"interface_norm={norm!r}: choose one of {', '.join(NORMS)}")
+        if summary not in SUMMARIES:
+            raise InputError(f"summary={summary!r}: choose one of {', '.join(SUMMARIES)}")
+        if summary != "prefix" and segments is None:
+            raise InputError(f"summary={summary!r} reads whole segments: it needs pool='causal'")
         if rank < MIN_RANKS[norm]:
             raise InputError(f"an interface of rank {rank} per row: {rank_problem(rank, norm)}")
         self.seq_axes = list(seq_axes) if seq_axes is not None else None
@@ -157,7 +196,10 @@ class InterfaceEncoder(nn.Module):
         self.pool = pool
         self.segments = segments
         self.residual = residual
-        self.net = _mlp(sum(in_features), hidden, rank, kind) if in_features else None
+        self.summary = summary
+        per_row = 1 + summary_positions(summary, segments)
+        self.net_in = sum(in_features) * per_row
+        self.net = _mlp(self.net_in, hidden, rank, kind) if in_features else None
         self.alpha = nn.Parameter(torch.tensor(0.5)) if residual else None
         self.norm_kind = norm
         self.norm = make_norm(norm, rank)
@@ -173,7 +215,8 @@ class InterfaceEncoder(nn.Module):
             ys = tuple(y if s is None or s == 1 else y.movedim(s, 1) for y, s in zip(ys, axes))
         if self.net is not None:
             if self.segments is not None:
-                pooled = [prefix_pool(y, self.segments) for y in ys]
+                how = getattr(self, "summary", "prefix")
+                pooled = [causal_summary(y, self.segments, how) for y in ys]
             else:
                 pooled = [pool(y, self.pool) for y in ys]
             z = self.net(torch.cat(pooled, dim=-1))  # (B, r) or (B, S, r)
@@ -199,7 +242,7 @@ class InterfaceEncoder(nn.Module):
             row = row[..., : self.rank] if self.in_rank > self.rank else torch.nn.functional.pad(
                 row, (0, self.rank - self.in_rank))
         if self.net is not None:
-            zero = row.new_zeros(row.shape[0], 1, sum(self.in_features))
+            zero = row.new_zeros(row.shape[0], 1, getattr(self, "net_in", sum(self.in_features)))
             row = row + torch.tanh(self.alpha) * self.net(zero)
         return self.norm(row).flatten(1)
 

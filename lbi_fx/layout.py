@@ -38,7 +38,7 @@ def interface_layout(container: nn.Module) -> dict[str, Any]:
     themselves (so it describes the weights, whatever attributes the model carries)."""
     from lbi_fx.interfaces import InterfaceEncoder
 
-    pools, segs, kinds, ranks = set(), set(), set(), {}
+    pools, segs, kinds, ranks, summaries = set(), set(), set(), {}, set()
     for name, mod in container.named_children():
         seg = getattr(mod, "segments", None)
         segs.add(None if seg is None else (seg.count, seg.length, seg.max_len))
@@ -47,6 +47,7 @@ def interface_layout(container: nn.Module) -> dict[str, Any]:
             kinds.add(kind)
         if isinstance(mod, InterfaceEncoder):
             pools.add(mod.pool)
+            summaries.add(getattr(mod, "summary", "prefix"))
             ranks[name] = [mod.in_rank, mod.rank]
 
     def one(values: set):
@@ -55,7 +56,7 @@ def interface_layout(container: nn.Module) -> dict[str, Any]:
     seg = one(segs)
     return {"pool": one(pools),
             "segments": None if seg is None else dict(zip(("count", "length", "max_len"), seg)),
-            "encoder": one(kinds), "ranks": ranks,
+            "encoder": one(kinds), "ranks": ranks, "summary": one(summaries) or "prefix",
             # set by passes/per_region_canvas.py: per-region copies of the canvas weights
             "canvas_weights": getattr(container, "canvas_weights", "shared")}
 
@@ -69,7 +70,7 @@ def lbi_layout(lbi: nn.Module) -> dict[str, Any]:
 
 FIELDS = {"pool": "pool", "segments": "segment layout", "encoder": "encoder kind",
           "ranks": "interface ranks", "rank_per_row": "interface ranks per row",
-          "canvas_weights": "canvas weights"}
+          "canvas_weights": "canvas weights", "summary": "causal summary"}
 
 
 def _show(field: str, value: Any) -> str:
@@ -98,6 +99,8 @@ def rebuild_hint(saved: dict) -> str:
         how += f", segment_len={seg['length']}, max_len={seg['max_len']}"
     if isinstance(saved.get("encoder"), str):
         how += f", encoder={saved['encoder']!r}"
+    if saved.get("summary", "prefix") != "prefix":
+        how += f", summary={saved['summary']!r}"
     if saved.get("canvas_weights", "shared") != "shared":
         how += f", canvas_weights={saved['canvas_weights']!r}"
     return f"rebuild the model with lbi_fx.transform(..., {how}) and the saved ranks, then load"

@@ -163,6 +163,7 @@ def insert_interfaces(
     segments: Segments | None = None,
     decoder_init: str = "default",
     norm: str = "layer",
+    summary: str = "prefix",
 ) -> InterfacePlan:
     """Rewrite ``gm`` in place; adds ``gm.lbi`` (a ModuleDict of interface modules).
 
@@ -207,6 +208,7 @@ def insert_interfaces(
     width = feats(canvas_node)
     factory = {"dtype": c_meta.dtype}
     seg = {"segments": segments}
+    enc_seg = {**seg, "norm": norm, "summary": summary}
     mods = InterfaceDict()  # a ModuleDict that records its layout in state dicts
     keys: dict[fx.Node, tuple[int, float]] = {}
 
@@ -221,7 +223,7 @@ def insert_interfaces(
 
     # m_0 from the canvas alone; region 0 reads canvas + Dec_0(m_0) in place of the canvas.
     m0 = add("enc_in", InterfaceEncoder([width], ranks[0], width, kind=encoder, pool=pool,
-                                        residual=False, seq_axes=[c_axis], norm=norm, **seg),
+                                        residual=False, seq_axes=[c_axis], **enc_seg),
              (None, canvas_node), PROLOGUE, order[canvas_node] + 0.5, "m_0")
     mods["enc_in"].pools_positions = pools_positions(canvas_node)
     zero = decoder_init == "zero"
@@ -240,8 +242,8 @@ def insert_interfaces(
         r_in, r_out = ranks[max(k - 2, 0)] if k > 1 else ranks[0], ranks[k - 1]
         m_k = add(f"enc_{k - 1}", InterfaceEncoder([feats(u) for u in xs[k]], r_out, width,
                                                    kind=encoder, pool=pool, in_rank=r_in,
-                                                   seq_axes=[axis(u) for u in xs[k]], norm=norm,
-                                                   **seg),
+                                                   seq_axes=[axis(u) for u in xs[k]],
+                                                   **enc_seg),
                   (prev, *emitted), k - 1, float("inf"), f"m_{k}")
         mods[f"enc_{k - 1}"].pools_positions = any(pools_positions(u) for u in xs[k])
         m_nodes.append(m_k)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lbi_fx
-from lbi_fx import parity as parity_table
+from lbi_fx.cli import parity as parity_table
 from lbi_fx.models import hybrid, mamba2, mamba3
 from lbi_fx.models import transformer as gpt
 from lbi_fx.testing import gradient_parity

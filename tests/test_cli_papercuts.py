@@ -13,7 +13,7 @@ import pytest
 
 import lbi_fx
 from lbi_fx.cli import build_parser, main
-from lbi_fx.factory import UsageError, parse_factory_kw
+from lbi_fx.cli.factory import UsageError, parse_factory_kw
 
 ROOT = Path(__file__).resolve().parents[1]
 # a 2-layer GPT of width 16 over 8 positions: 2 regions, boundary min cut 8 x 16 = 128
@@ -200,7 +200,7 @@ def test_quality_quick_runs_without_warning_about_itself(capsys):
 
 
 def test_quality_header_names_both_backwards_when_they_differ(capsys):
-    from lbi_fx.quality import Config, _backward_text
+    from lbi_fx.cli.quality import Config, _backward_text
 
     cfg = Config(steps=600, timed_steps=15, backward="autograd")
     assert _backward_text(cfg) == ("LBI backward: scan for the first 15 steps (timed), then "

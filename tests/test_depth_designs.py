@@ -105,16 +105,74 @@ def test_interface_norm_ranks_are_checked():
         lbi_fx.transform(model, lbi_fx.every(2, "layers"), rank=2, example_inputs=(idx,))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("summary, segment_len", [("recent", 4), ("recent", 3), ("latest", 3)])
+def test_recent_summaries_are_exact_and_leak_free(summary, segment_len, dtype):
+    """segment_len 3: a last segment past the input's end."""
+    model, idx = _gpt(dtype)
+    lbi = lbi_fx.transform(model, lbi_fx.every(2, "layers"), rank=4, example_inputs=(idx,),
+                           summary=summary, segment_len=segment_len)
+    from lbi_fx.interfaces import InterfaceEncoder
+
+    encoders = [m for m in lbi.modules() if isinstance(m, InterfaceEncoder)]
+    assert encoders and all(e.summary == summary for e in encoders)
+    # the prefix mean plus segment_len positions (recent) or one (latest) per crossing tensor
+    per_row = 1 + (segment_len if summary == "recent" else 1)
+    assert all(e.net_in == sum(e.in_features) * per_row for e in encoders)
+    report = gradient_parity(lbi, (idx,))
+    assert report.ok, str(report)
+    assert causal_leak(lbi, (idx,), cuts=range(1, idx.shape[1])) == 0.0
+    short = idx[:, :11]  # a shorter input sees a prefix of the same segments
+    assert causal_leak(lbi, (short,), cuts=range(1, short.shape[1])) == 0.0
+
+
+def test_recent_segment_reads_the_previous_segment_position_by_position():
+    from lbi_fx.interfaces import Segments, causal_summary, recent_segment
+
+    seg = Segments.make(6, 2)  # 3 segments of 2 positions
+    x = torch.arange(1.0, 7.0).reshape(1, 6, 1)
+    rows = recent_segment(x, seg)
+    assert rows.tolist() == [[[0.0, 0.0], [1.0, 2.0], [3.0, 4.0]]]
+    both = causal_summary(x, seg, "recent")
+    assert both[0, :, 0].tolist() == [0.0, 1.5, 2.5]  # the prefix means come first
+    assert torch.equal(both[..., 1:], rows)
+    latest = causal_summary(x, seg, "latest")
+    assert latest[0].tolist() == [[0.0, 0.0], [1.5, 2.0], [2.5, 4.0]]
+    assert recent_segment(x[:, :5], seg)[0, 2].tolist() == [3.0, 4.0]
+
+
+def test_recent_summary_is_refused_without_causal_segments():
+    model, idx = _gpt(torch.float64)
+    with pytest.raises(lbi_fx.InputError, match="summary"):
+        lbi_fx.transform(model, lbi_fx.every(2, "layers"), rank=4, example_inputs=(idx,),
+                         summary="newest")
+    with pytest.raises(lbi_fx.InputError, match="pool='mean'"):
+        lbi_fx.transform(model, lbi_fx.every(2, "layers"), rank=4, example_inputs=(idx,),
+                         summary="recent", pool="mean")
+
+
+def test_a_checkpoint_names_a_summary_mismatch():
+    model, idx = _gpt(torch.float64)
+    recent = lbi_fx.transform(copy.deepcopy(model), lbi_fx.every(2, "layers"), rank=4,
+                              example_inputs=(idx,), summary="recent")
+    prefix = lbi_fx.transform(copy.deepcopy(model), lbi_fx.every(2, "layers"), rank=4,
+                              example_inputs=(idx,))
+    with pytest.raises(lbi_fx.LBIError, match="summary='recent'"):
+        prefix.load_state_dict(recent.state_dict())
+
+
 def test_quality_flags_for_the_designs_refuse_bad_values(tmp_path):
-    """--norms, --canvas-weights and --reuse-dense name the bad value before any training."""
+    """--norms, --canvas-weights, --summaries and --reuse-dense name the bad value before any training."""
     import json
 
-    from lbi_fx import quality
+    from lbi_fx.cli import quality
 
     with pytest.raises(lbi_fx.InputError, match="'batch' is not one of layer, rms, none"):
         quality.main(["--quick", "--norms", "layer,batch"])
     with pytest.raises(lbi_fx.InputError, match="'tied' is not one of shared, per_region"):
         quality.main(["--quick", "--canvas-weights", "tied"])
+    with pytest.raises(lbi_fx.InputError, match="'last' is not one of prefix, latest, recent"):
+        quality.main(["--quick", "--summaries", "recent,last"])
     with pytest.raises(lbi_fx.InputError, match="cannot read a JSON table"):
         quality.main(["--quick", "--reuse-dense", str(tmp_path / "missing.json")])
     other = tmp_path / "other.json"
@@ -130,7 +188,7 @@ def test_quality_flags_for_the_designs_refuse_bad_values(tmp_path):
 def test_reused_dense_rows_stand_in_for_training_them(tmp_path):
     """A table built with --reuse-dense carries the given dense rows verbatim (marked
     reused) and scores depth recovery against them."""
-    from lbi_fx.quality import Config, run_table
+    from lbi_fx.cli.quality import Config, run_table
 
     cfg = Config.quick()
     cfg.steps, cfg.eval_every, cfg.leaky, cfg.designs, cfg.spl, cfg.ranks = 2, 2, False, False, False, (4,)

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.fx
 
-from lbi_fx.data import SEP, load_corpus
+from lbi_fx.models.data import SEP, load_corpus
+from lbi_fx.models.training import format_table, train_lm, train_side_by_side
 from lbi_fx.models.transformer import GPT, GPTConfig, build, build_export
-from lbi_fx.training import format_table, train_lm, train_side_by_side
 
 TINY = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)
 

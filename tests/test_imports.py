@@ -159,3 +159,48 @@ def test_example_scripts_import_what_the_package_has():
                                  for a in node.names if not hasattr(module, a.name)
                                  and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
     assert len(scripts) >= 4 and problems == []
+
+
+# The layers of the package tree (ARCHITECTURE.md) and what each may import besides
+# itself: the zoo's models are plain PyTorch (gpt-fast style) and the compiler knows no
+# model; the seed systems and the distributed layer build on both; the tools on anything.
+# The package root (a facade that re-exports ``stage_partition``) and ``__main__`` sit
+# outside the layers.
+LAYERS = {
+    "zoo": ("lbi_fx.models",),
+    "compiler": ("lbi_fx.passes", "lbi_fx.kernels", "lbi_fx.module"),  # + top-level modules
+    "systems": ("lbi_fx.spl", "lbi_fx.pgf", "lbi_fx.distributed", "lbi_fx.checkpoint",
+                "lbi_fx.pipelining"),
+    "tools": ("lbi_fx.cli", "lbi_fx.bench", "lbi_fx.plan"),
+}
+MAY_IMPORT = {"zoo": set(), "compiler": set(), "systems": {"compiler", "zoo"},
+              "tools": {"compiler", "zoo", "systems"}}
+
+
+def layer_of(name: str) -> str | None:
+    if name in ("lbi_fx", "lbi_fx.__main__"):
+        return None
+    for layer, prefixes in LAYERS.items():
+        if any(name == p or name.startswith(p + ".") for p in prefixes):
+            return layer
+    return "compiler"  # a top-level module of lbi_fx/ is the compiler
+
+
+def test_layer_of_places_modules():
+    assert layer_of("lbi_fx.api") == layer_of("lbi_fx.passes.capture") == "compiler"
+    assert layer_of("lbi_fx.distributed.checkpoint") == layer_of("lbi_fx.spl") == "systems"
+    assert layer_of("lbi_fx.models.data") == "zoo" and layer_of("lbi_fx.cli.quality") == "tools"
+    assert layer_of("lbi_fx") is None
+
+
+def test_no_layer_imports_what_it_may_not():
+    """The compiler never reaches into the systems built on it or into a model, the
+    systems never into the tools: the tree reads as the architecture because imports say so."""
+    bad = []
+    for name, deps in import_graph().items():
+        lo = layer_of(name)
+        for dep in sorted(deps):
+            hi = layer_of(dep)
+            if lo is not None and hi is not None and hi != lo and hi not in MAY_IMPORT[lo]:
+                bad.append(f"{name} ({lo}) imports {dep} ({hi})")
+    assert bad == []

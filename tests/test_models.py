@@ -41,7 +41,7 @@ def test_model_files_stay_modules_when_the_factory_has_their_name():
 
 
 def test_corpus_needs_no_repository(tmp_path, monkeypatch):
-    from lbi_fx.data import load_corpus
+    from lbi_fx.models.data import load_corpus
 
     monkeypatch.chdir(tmp_path)  # the stdlib sources it reads are found from any folder
     corpus = load_corpus(max_bytes=200_000)

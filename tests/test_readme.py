@@ -61,8 +61,8 @@ def test_import_lbi_fx_reaches_every_public_submodule():
 
     import lbi_fx
 
-    names = ["testing", "models", "pgf", "spl", "distributed", "checkpoint", "causality",
-             "data", "training", "bench", "parity", "quality", "cli", "kernels", "passes"]
+    names = ["testing", "models", "pgf", "spl", "distributed", "checkpoint", "pipelining",
+             "causality", "bench", "plan", "cli", "kernels", "passes"]
     assert set(names) <= lbi_fx.SUBMODULES and set(names) <= set(dir(lbi_fx))
     code = ("import sys, lbi_fx\n"
             "lazy = [m for m in ('lbi_fx.testing', 'lbi_fx.distributed', 'lbi_fx.checkpoint', "

@@ -10,7 +10,6 @@ when its bench runs, so a bench with heavy imports costs nothing to the others.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 from collections.abc import Sequence
 from types import ModuleType
@@ -32,7 +31,6 @@ def load(name: str) -> ModuleType:
 
 def standalone(module: ModuleType, name: str, argv: Sequence[str] | None) -> int:
     """``main`` of a bench module: its own parser, then ``run``."""
-    doc = (module.__doc__ or "").strip().split("\n\n")[0].replace("``", "")
-    parser = argparse.ArgumentParser(prog=f"lbi-fx bench {name}", description=doc)
-    module.add_arguments(parser)
-    return module.run(parser.parse_args(None if argv is None else list(argv)))
+    from lbi_fx.cli.common import standalone as _standalone
+
+    return _standalone(module, f"lbi-fx bench {name}", argv)

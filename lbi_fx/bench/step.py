@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_leaves
 
 import lbi_fx
 from lbi_fx.bench import standalone
-from lbi_fx.factory import add_factory_kw
+from lbi_fx.cli.factory import add_factory_kw
 from lbi_fx.kernels import suffix_scan
 from lbi_fx.report import describe_width
 from lbi_fx.runtime import STRATEGIES
@@ -290,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     device = torch.device(args.device)
     if ":" in args.model:  # any factory: its own sizes (--factory-kw), its own inputs
-        from lbi_fx.factory import load_factory, parse_factory_kw
+        from lbi_fx.cli.factory import load_factory, parse_factory_kw
         from lbi_fx.models.mamba2 import leaf_modules
 
         model, inputs = load_factory(args.model, parse_factory_kw(args.factory_kw))
@@ -303,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
     lbi = lbi_fx.transform(model, regions, rank=args.rank,
                            example_inputs=inputs, jacobian=args.jacobian, chunk=args.chunk,
                            pool=args.pool, segment_len=args.segment_len, **extra)
-    from lbi_fx.factory import training_loss
+    from lbi_fx.cli.factory import training_loss
 
     with torch.no_grad():
         out = lbi(*inputs)

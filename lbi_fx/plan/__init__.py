@@ -281,6 +281,6 @@ def _finite(x):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Standalone entry point (``python -m lbi_fx.plan``)."""
-    ap = argparse.ArgumentParser(prog="lbi-fx plan", description=__doc__.split("\n\n")[0])
-    add_arguments(ap)
-    return run(ap.parse_args(None if argv is None else list(argv)))
+    from lbi_fx.cli.common import standalone
+
+    return standalone(sys.modules[__name__], "lbi-fx plan", argv)

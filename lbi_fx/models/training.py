@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lbi_fx.data import ByteCorpus
+from lbi_fx.models.data import ByteCorpus
 
 
 @dataclass

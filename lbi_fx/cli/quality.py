@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import statistics
@@ -30,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 import lbi_fx
+from lbi_fx.models.training import RunConfig
 from lbi_fx.report import describe_width
 from lbi_fx.testing import prefix_loss
-from lbi_fx.training import RunConfig
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Variant:
     decoder_init: str = "default"
     norm: str = "layer"
     canvas: str = "shared"  # transform(canvas_weights=...)
+    summary: str = "prefix"  # transform(summary=...)
 
     @property
     def scalars(self) -> int:
@@ -66,21 +68,24 @@ class Variant:
         zero = ", zero decoders" if self.decoder_init == "zero" else ""
         norm = "" if self.norm == "layer" else f", {self.norm} norm"
         canvas = "" if self.canvas == "shared" else f", {self.canvas.replace('_', '-')} canvas"
-        return f"{self.pool} {describe_width(self.rank, self.segments)}{zero}{norm}{canvas}"
+        summary = "" if self.summary == "prefix" else f", {self.summary} summary"
+        return (f"{self.pool} {describe_width(self.rank, self.segments)}{zero}{norm}{canvas}"
+                f"{summary}")
 
 
 def variants(budgets: tuple[int, ...], seq: int, layers: int = 6, region_size: int = 2,
              leaky: bool = True, designs: bool = True, spl: bool = True,
              ranks: tuple[int, ...] = (4, 16),
              norms: tuple[str, ...] = ("layer",),
-             canvases: tuple[str, ...] = ("shared",)) -> list[Variant]:
+             canvases: tuple[str, ...] = ("shared",),
+             summaries: tuple[str, ...] = ("prefix",)) -> list[Variant]:
     """Dense at full depth, at the depth of one region and of K-1 regions (the honest
     baselines: an LBI model that does not beat one region trained alone has thrown the
     earlier regions away); then per budget b: mean and last with r = b (``leaky``),
     causal with r in {4, 16} and S = b / r segments (S = 1 would carry nothing causal; S
     must divide the sequence), each causal row also with zero-initialised decoders
-    (``designs``), with every interface norm of ``norms`` and canvas weights of
-    ``canvases``; then SPL on the same partition."""
+    (``designs``), with every interface norm of ``norms``, canvas weights of
+    ``canvases`` and causal summary of ``summaries``; then SPL on the same partition."""
     rows = [Variant()]
     for depth in dict.fromkeys((region_size, layers - region_size)):
         if 0 < depth < layers:
@@ -90,9 +95,9 @@ def variants(budgets: tuple[int, ...], seq: int, layers: int = 6, region_size: i
             rows += [Variant("mean", b), Variant("last", b)]
         for r in ranks:
             if b % r == 0 and 1 < b // r <= seq and seq % (b // r) == 0:
-                for norm in norms:
-                    for canvas in canvases:
-                        rows.append(Variant("causal", r, b // r, norm=norm, canvas=canvas))
+                for norm, canvas, summary in itertools.product(norms, canvases, summaries):
+                    rows.append(Variant("causal", r, b // r, norm=norm, canvas=canvas,
+                                        summary=summary))
                 if designs:
                     rows.append(Variant("causal", r, b // r, decoder_init="zero"))
     if spl:
@@ -114,6 +119,7 @@ class Config(RunConfig):
     ranks: tuple[int, ...] = (4, 16)  # per-row ranks of the causal rows
     norms: tuple[str, ...] = ("layer",)  # interface norms of the causal rows
     canvases: tuple[str, ...] = ("shared",)  # canvas weights of the causal rows
+    summaries: tuple[str, ...] = ("prefix",)  # causal summaries of the causal rows
     # dense rows taken from an earlier run of the same config and seeds (name -> row):
     # dense training is deterministic per seed and thread count, so it need not rerun
     reuse_dense: dict | None = None
@@ -148,7 +154,7 @@ def build(cfg: Config, v: Variant, dense: torch.nn.Module, example: tuple):
             warnings.simplefilter("ignore", lbi_fx.CausalityWarning)
         return lbi_fx.transform(model, regions, rank=v.rank, example_inputs=example, pool=v.pool,
                                 decoder_init=v.decoder_init, interface_norm=v.norm,
-                                canvas_weights=v.canvas, **kw)
+                                canvas_weights=v.canvas, summary=v.summary, **kw)
 
 
 @torch.no_grad()
@@ -216,7 +222,7 @@ def train(cfg: Config, v: Variant, model, corpus, val, progress: bool = True) ->
 def run_table(cfg: Config, progress: bool = True) -> tuple[list[dict], dict]:
     """Train every variant from every seed; return the table rows (seed means, spread,
     depth recovery) and the curves of seed 0 by variant name."""
-    from lbi_fx.data import load_corpus
+    from lbi_fx.models.data import load_corpus
     from lbi_fx.models.transformer import GPT, GPTConfig
 
     corpus = load_corpus(max_bytes=cfg.corpus_bytes)
@@ -225,7 +231,7 @@ def run_table(cfg: Config, progress: bool = True) -> tuple[list[dict], dict]:
     example = (torch.randint(0, 256, (2, cfg.seq), generator=torch.Generator().manual_seed(0)),)
     table = variants(cfg.budgets, cfg.seq, cfg.layers, cfg.region_size, cfg.leaky,
                      cfg.designs, cfg.spl, cfg.ranks, cfg.norms,
-                     cfg.canvases)
+                     cfg.canvases, cfg.summaries)
     runs: dict[Variant, list[dict]] = {v: [] for v in table}
     curves = {}
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
@@ -268,6 +274,7 @@ def run_table(cfg: Config, progress: bool = True) -> tuple[list[dict], dict]:
             "bpb_leak_free": round(statistics.fmean(free) / math.log(2), 4),
             "norm": v.norm if v.model == "lbi" else None,
             "canvas_weights": v.canvas if v.model == "lbi" else None,
+            "summary": v.summary if v.model == "lbi" else None,
             "steps": cfg.steps, "seeds": cfg.seeds, "seed": cfg.seed,
             "step_ratio": round(step_s / base_step, 2),
             "step_ms": round(1e3 * step_s, 1),
@@ -298,9 +305,9 @@ def format_table(rows: list[dict]) -> str:
             "leak | gap to dense | depth recovery | steps x seeds | step / dense |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
+        design = r["name"].partition(", ")[2]  # zero decoders, norm, canvas, summary
         iface = "-" if r["model"] != "lbi" else (
-            f"{r['pool']} {r['rank']} x {r['segments']}"
-            + (", zero decoders" if r.get("decoder_init") == "zero" else ""))
+            f"{r['pool']} {r['rank']} x {r['segments']}" + (f", {design}" if design else ""))
         model = {"dense": "dense", "lbi": "LBI", "spl": "SPL (detach)"}[r["model"]]
         rec = "-" if r.get("depth_recovery") is None else f"{r['depth_recovery']:+.2f}"
         lines.append(
@@ -359,6 +366,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--canvas-weights", default=None,
                    help="canvas weights of the causal rows, comma-separated (shared, per_region; "
                         "default shared)")
+    p.add_argument("--summaries", default=None,
+                   help="causal summaries of the causal rows, comma-separated: prefix (default), "
+                        "latest (also the last position before the row), recent (also the "
+                        "whole segment before it, position by position)")
     p.add_argument("--reuse-dense", metavar="JSON",
                    help="take the dense rows from an earlier --json run of the same config "
                         "and seeds (dense training is deterministic per seed and thread count)")
@@ -401,20 +412,12 @@ def run(args: argparse.Namespace) -> int:
                 setattr(cfg, key, tuple(int(b) for b in text.split(",")))
             except ValueError:
                 raise lbi_fx.InputError(f"--{key} {text!r}: comma-separated ints") from None
-    if args.norms:
-        norms = tuple(n.strip() for n in args.norms.split(","))
-        bad = [n for n in norms if n not in lbi_fx.interfaces.NORMS]
-        if bad:
-            raise lbi_fx.InputError(f"--norms {args.norms!r}: {bad[0]!r} is not one of "
-                                    f"{', '.join(lbi_fx.interfaces.NORMS)}")
-        cfg.norms = norms
-    if args.canvas_weights:
-        canvases = tuple(c.strip() for c in args.canvas_weights.split(","))
-        bad = [c for c in canvases if c not in ("shared", "per_region")]
-        if bad:
-            raise lbi_fx.InputError(f"--canvas-weights {args.canvas_weights!r}: {bad[0]!r} is "
-                                    "not one of shared, per_region")
-        cfg.canvases = canvases
+    for flag, field, allowed in (("norms", "norms", lbi_fx.interfaces.NORMS),
+                                 ("canvas-weights", "canvases", ("shared", "per_region")),
+                                 ("summaries", "summaries", lbi_fx.interfaces.SUMMARIES)):
+        text = getattr(args, flag.replace("-", "_"))
+        if text:
+            setattr(cfg, field, _choices(flag, text, allowed))
     if args.reuse_dense:
         cfg.reuse_dense = reuse_rows(args.reuse_dense, cfg)
     cfg.eval_every = min(cfg.eval_every, cfg.steps)
@@ -439,6 +442,16 @@ def run(args: argparse.Namespace) -> int:
               f"{len(rows)} models in {time.perf_counter() - t0:.0f}s")
         print(format_table(rows))
     return 0
+
+
+def _choices(flag: str, text: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma-separated flag value, each item one of ``allowed`` (else named)."""
+    values = tuple(v.strip() for v in text.split(","))
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise lbi_fx.InputError(f"--{flag} {text!r}: {bad[0]!r} is not one of "
+                                f"{', '.join(allowed)}")
+    return values
 
 
 def reuse_rows(path: str, cfg: Config) -> dict:
@@ -469,10 +482,9 @@ def _backward_text(cfg: Config) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lbi-fx quality",
-                                description=__doc__.splitlines()[0].replace("``", ""))
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    from lbi_fx.cli.common import standalone
+
+    return standalone(sys.modules[__name__], "lbi-fx quality", argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lbi_fx
-from lbi_fx.factory import add_factory_kw
+from lbi_fx.cli.factory import add_factory_kw
 from lbi_fx.report import describe_width
 from lbi_fx.testing import DEFAULT_TOL, ParityReport, gradient_parity
 
@@ -268,7 +268,7 @@ def measure_factory(spec: str, factory_kw: dict | None = None, regions: str | No
     over ids, else ``lbi_fx.checks.default_loss``."""
     import inspect
 
-    from lbi_fx.factory import load_factory, resolve_factory, training_loss
+    from lbi_fx.cli.factory import load_factory, resolve_factory, training_loss
     from lbi_fx.models.mamba2 import leaf_modules
 
     kw = dict(factory_kw or {})
@@ -426,7 +426,7 @@ def _emit(rows: list, args: argparse.Namespace, what) -> int:
 
 def _run_factory(args: argparse.Namespace) -> int:
     """``lbi-fx parity --factory pkg.module:function``: the same table for any model."""
-    from lbi_fx.factory import parse_factory_kw
+    from lbi_fx.cli.factory import parse_factory_kw
 
     if args.inits < 1 or args.batches < 1 or args.rank < 1:
         print("lbi-fx parity: --inits, --batches and --rank must be >= 1", file=sys.stderr)

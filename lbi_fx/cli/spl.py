@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 import lbi_fx
+from lbi_fx.models.training import RunConfig
 from lbi_fx.report import describe_width
 from lbi_fx.spl import SCORERS, SPLModule, bits_per_byte, stage_nats, stage_partition
-from lbi_fx.training import RunConfig
 
 PAPER_AXIS = ((1, 3, 2), (2, 2, 2), (3, 2, 1), (3, 1, 2), (4, 1, 1))
 
@@ -183,7 +183,7 @@ def step_times(models: list, x: torch.Tensor, y: torch.Tensor, rounds: int) -> l
 def run_table(cfg: Config, progress: bool = True) -> tuple[list[dict], dict]:
     """Train every row; return the table rows and the curves by row name."""
     from lbi_fx.causality import causal_leak
-    from lbi_fx.data import load_corpus
+    from lbi_fx.models.data import load_corpus
     from lbi_fx.models.transformer import GPT, GPTConfig
 
     corpus = load_corpus(max_bytes=cfg.corpus_bytes)
@@ -355,10 +355,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lbi-fx spl",
-                                description=__doc__.splitlines()[0].replace("``", ""))
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    from lbi_fx.cli.common import standalone
+
+    return standalone(sys.modules[__name__], "lbi-fx spl", argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

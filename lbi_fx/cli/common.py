@@ -1,0 +1,119 @@
+"""What the sub-commands share: one-line usage errors, help text without markup, lazy
+imports of heavy sub-commands, the model and rewrite flags, and their parsing."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+from collections.abc import Sequence
+from types import ModuleType
+
+from lbi_fx.cli.factory import UsageError, add_factory_kw, load_factory, parse_factory_kw
+
+
+def model_and_inputs(args) -> tuple:
+    """The model and example inputs a command's ``factory`` and ``--factory-kw`` name."""
+    return load_factory(args.factory, parse_factory_kw(args.factory_kw))
+
+
+def parse_rank(text: str | None):
+    if text is None:
+        return None
+    try:
+        vals = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--rank {text!r}: expected an int or a comma-separated list of ints") from None
+    return vals[0] if len(vals) == 1 else vals
+
+
+def parse_relay(text: str):
+    try:
+        vals = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--relay {text!r}: expected a number or one per boundary, e.g. 0,0.5") from None
+    return vals[0] if len(vals) == 1 else vals
+
+
+def parse_interfaces(text: str | None):
+    if text is None:
+        return None
+    return [[p for p in part.split("+") if p] for part in text.split(",")]
+
+
+def rewrite_kwargs(args) -> dict:
+    """The ``lbi_fx.transform`` options shared by ``verify --rank`` and ``inspect``."""
+    return dict(encoder=args.encoder, pool=args.pool, segment_len=args.segment_len,
+                max_len=args.max_len)
+
+
+def interface_width(lbi) -> str:
+    from lbi_fx.report import describe_width
+
+    rows = lbi.segments.count if getattr(lbi, "segments", None) is not None else 1
+    return describe_width([w // rows for w in lbi.ranks], rows)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (sub-parsers inherit the class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
+def plain(text: str) -> str:
+    """Help text without reST markup: ``x`` -> x, so --help shows no raw backticks."""
+    return re.sub(r"``([^`]*)``", r"\1", text)
+
+
+def doc_head(module) -> str:
+    return plain((module.__doc__ or "").strip().split("\n\n")[0].replace("\n", " "))
+
+
+def load_module(module_name: str, what: str):
+    """Import a sub-command's module; a missing dependency is a one-line usage error."""
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"{what} cannot run here: importing {module_name} failed ({exc})") from None
+
+
+def add_command_parser(sub, name: str, module_name: str, help_: str, load: bool) -> None:
+    """A top-level command whose module follows the bench contract (add_arguments, run)."""
+    if not load:
+        sub.add_parser(name, help=help_)
+        return
+    module = load_module(module_name, f"lbi-fx {name}")
+    sp = sub.add_parser(name, help=help_, description=doc_head(module))
+    module.add_arguments(sp)
+    sp.set_defaults(run=module.run)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model a command works on: a factory, its keyword arguments, the region spec."""
+    p.add_argument("factory", help="pkg.module:function returning (model, example_inputs), "
+                                   "e.g. lbi_fx.models:gpt or mymodels:build (the current "
+                                   "folder is importable)")
+    add_factory_kw(p)
+    p.add_argument("--regions", required=True,
+                   help="'layers:2', 'a,b;c,d' or a composition 'layers=1,3,2'")
+
+
+def add_rewrite_arguments(p: argparse.ArgumentParser) -> None:
+    """How ``lbi_fx.transform`` builds the interfaces (verify --rank and inspect)."""
+    p.add_argument("--encoder", default="mlp", choices=["mlp", "linear"],
+                   help="interface encoder Enc_k (default mlp)")
+    p.add_argument("--pool", default="auto", choices=["auto", "causal", "mean", "last"],
+                   help="how interfaces summarise the sequence (auto: causal for causal models)")
+    p.add_argument("--segment-len", type=int, help="positions per causal segment "
+                                                   "(default ceil(max_len / 4))")
+    p.add_argument("--max-len", type=int, help="longest sequence of a causal interface "
+                                               "(default: the example inputs' length)")
+
+
+def standalone(module: ModuleType, prog: str, argv: Sequence[str] | None) -> int:
+    """``main`` of a sub-command module (``python -m``): its own parser, then ``run``."""
+    doc = (module.__doc__ or "").strip().split("\n\n")[0].replace("``", "")
+    parser = argparse.ArgumentParser(prog=prog, description=doc)
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(None if argv is None else list(argv)))

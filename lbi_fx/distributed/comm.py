@@ -1,0 +1,156 @@
+"""Every ``torch.distributed`` call region parallelism and its baseline make, in one place,
+so that each is both counted and watched.
+
+:class:`Comm` records the payload of every send and collective (a
+:class:`~lbi_fx.distributed.traffic.CommRecord` per call) and, with a
+:class:`~lbi_fx.distributed.watch.Watch`, waits for it by polling for a peer's failure
+instead of blocking in the transport. :func:`sync_from_rank0` makes every rank start from
+rank 0's model through it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lbi_fx.distributed.traffic import _PER_RANK_OPS, CommRecord
+from lbi_fx.distributed.watch import Watch, _waiter
+from lbi_fx.errors import DistributedError
+
+
+@dataclass
+class Comm:
+    """``torch.distributed`` calls that record their payload bytes per phase. With a
+    ``watch`` (set by :class:`RegionParallel`) every wait polls for peer failures and
+    times out; without one it blocks as ``torch.distributed`` does."""
+
+    group: object = None
+    records: list[CommRecord] = field(default_factory=list)
+    watch: Watch | None = None
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    @property
+    def world(self) -> int:
+        return dist.get_world_size(self.group)
+
+    def _peer(self, r: int, group=None) -> int:
+        group = self.group if group is None else group
+        return r if group is None else dist.get_global_rank(group, r)
+
+    def _ranks(self, group) -> list[int]:
+        group = self.group if group is None else group
+        return list(range(dist.get_world_size())) if group is None else \
+            dist.get_process_group_ranks(group)
+
+    def _log(self, phase: str, op: str, t: torch.Tensor, numel: int | None = None) -> None:
+        n = t.numel() if numel is None else numel
+        self.records.append(CommRecord(phase, op, n, n * t.element_size(), tuple(t.shape)))
+
+    def wait(self, work, op: str, peers: Sequence[int], p2p: bool = False) -> None:
+        """Wait for ``work``; with a watch, through a waiter thread and polling the store
+        (``p2p``: gloo's send/recv, whose ``is_completed`` never turns true)."""
+        if self.watch is None:
+            work.wait()
+            return
+        try:
+            if not p2p and work.is_completed():  # done already: no thread
+                work.wait()
+            else:
+                done, box = _waiter(work)
+                self.watch.wait(done, op, peers)
+                if box:
+                    raise box[0]
+        except DistributedError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a transport error: is there a reason?
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:
+                rec = self.watch.failure()
+                if rec is not None:
+                    self.watch.raise_failure(rec, op)
+                time.sleep(Watch.POLL_S)
+            raise DistributedError(
+                f"rank {self.watch.rank}: {op} failed in phase {self.watch.phase!r} with peers "
+                f"{list(peers)} and no rank recorded a failure: {exc}",
+                phase=self.watch.phase) from exc
+
+    def isend(self, t: torch.Tensor, dst: int, phase: str):
+        self._log(phase, "send", t)
+        return dist.isend(t.contiguous(), self._peer(dst), group=self.group)
+
+    def wait_send(self, work, dst: int, phase: str) -> None:
+        self.wait(work, f"send {phase} to rank {self._peer(dst)}", [self._peer(dst)], p2p=True)
+
+    def recv(self, t: torch.Tensor, src: int, phase: str = "recv") -> torch.Tensor:
+        """Not recorded: the sender counts the transfer once."""
+        work = dist.irecv(t, self._peer(src), group=self.group)
+        self.wait(work, f"recv {phase} from rank {self._peer(src)}", [self._peer(src)], p2p=True)
+        return t
+
+    def all_gather(self, t: torch.Tensor, phase: str) -> torch.Tensor:
+        """(world, *t.shape)."""
+        t = t.contiguous()
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        self._log(phase, "all_gather", t, t.numel() * self.world)
+        work = dist.all_gather(out, t, group=self.group, async_op=True)
+        self.wait(work, f"all-gather {phase}", self._ranks(None))
+        return torch.stack(out)
+
+    def broadcast(self, t: torch.Tensor, src: int, phase: str, group=None) -> torch.Tensor:
+        self._log(phase, "broadcast", t)
+        g = self.group if group is None else group
+        work = dist.broadcast(t, self._peer(src, group), group=g, async_op=True)
+        self.wait(work, f"broadcast {phase}", self._ranks(group))
+        return t
+
+    def all_reduce_async(self, t: torch.Tensor, phase: str, group=None, op: str = "all_reduce"):
+        """Launch an all-reduce (sum); :meth:`finish` waits for it."""
+        self._log(phase, op, t)
+        g = self.group if group is None else group
+        return dist.all_reduce(t, group=g, async_op=True), f"all-reduce {phase}", self._ranks(group)
+
+    def finish(self, handle) -> None:
+        self.wait(*handle)
+
+    def all_reduce(self, t: torch.Tensor, phase: str, group=None) -> torch.Tensor:
+        self.finish(self.all_reduce_async(t, phase, group))
+        return t
+
+    def local_bytes(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.records:
+            out[r.phase] = out.get(r.phase, 0) + r.bytes
+        return out
+
+    def totals(self) -> dict[str, int]:
+        """Bytes per phase over the whole group (collective): sends and dp all-reduces
+        summed over the group's ranks (each has its own), other collectives counted once."""
+        mine = {"per_rank": {}, "coll": {}}
+        for r in self.records:
+            d = mine["per_rank" if r.op in _PER_RANK_OPS else "coll"]
+            d[r.phase] = d.get(r.phase, 0) + r.bytes
+        every: list = [None] * self.world
+        dist.all_gather_object(every, mine, group=self.group)
+        out: dict[str, int] = dict(every[0]["coll"])
+        for e in every:
+            for ph, b in e["per_rank"].items():
+                out[ph] = out.get(ph, 0) + b
+        return out
+
+
+def sync_from_rank0(comm: Comm, module: nn.Module, group=None) -> None:
+    """Broadcast every parameter and buffer from rank 0 of ``group`` (default: the comm's)
+    (phase ``init_broadcast``), as DDP does: the interface modules ``transform`` adds draw
+    from the global RNG, so ranks that did not seed identically would otherwise hold
+    different models."""
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            comm.broadcast(t.data, 0, "init_broadcast", group=group)
