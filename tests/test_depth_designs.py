@@ -173,6 +173,8 @@ def test_quality_flags_for_the_designs_refuse_bad_values(tmp_path):
         quality.main(["--quick", "--canvas-weights", "tied"])
     with pytest.raises(lbi_fx.InputError, match="'last' is not one of prefix, latest, recent"):
         quality.main(["--quick", "--summaries", "recent,last"])
+    with pytest.raises(lbi_fx.InputError, match="--interface-lrs '1,-3'"):
+        quality.main(["--quick", "--interface-lrs", "1,-3"])
     with pytest.raises(lbi_fx.InputError, match="cannot read a JSON table"):
         quality.main(["--quick", "--reuse-dense", str(tmp_path / "missing.json")])
     other = tmp_path / "other.json"
@@ -202,3 +204,43 @@ def test_reused_dense_rows_stand_in_for_training_them(tmp_path):
     lbi = rows[-1]
     assert lbi["model"] == "lbi" and "reused" not in lbi
     assert lbi["depth_recovery"] == pytest.approx((4.0 - lbi["ce_leak_free"]) / 1.0, abs=1e-3)
+
+
+def test_quality_rows_use_a_fixed_jacobian_strategy():
+    """auto picks a strategy by timing, which would make two runs of one seed differ."""
+    from lbi_fx.cli.quality import Config, Variant, build
+    from lbi_fx.models.transformer import GPT, GPTConfig
+
+    cfg = Config.quick()
+    dense = GPT(GPTConfig(block_size=cfg.seq, n_layer=cfg.layers, n_head=cfg.heads,
+                          n_embd=cfg.width))
+    example = (torch.randint(0, 256, (2, cfg.seq)),)
+    lbi = build(cfg, Variant("causal", 4, 4), dense, example)
+    assert cfg.jacobian != "auto" and lbi.jacobian == cfg.jacobian
+
+
+def test_interface_lr_factor_reaches_the_interface_modules_only():
+    from lbi_fx.cli.quality import Config, variants
+
+    rows = variants((16,), 32, 4, 2, leaky=False, designs=False, spl=False, ranks=(4,),
+                    interface_lrs=(1.0, 3.0))
+    assert [v.interface_lr for v in rows if v.pool == "causal"] == [1.0, 3.0]
+    assert rows[-1].name.endswith("interface lr x3")
+    cfg = Config.quick()
+    cfg.steps, cfg.eval_every, cfg.leaky, cfg.designs, cfg.spl, cfg.ranks = 1, 1, False, False, False, (4,)
+    seen = []
+    real = torch.optim.AdamW
+
+    def spy(groups, **kw):
+        seen.append([(len(g["params"]), g["lr"]) for g in groups])
+        return real(groups, **kw)
+
+    import unittest.mock
+
+    cfg.interface_lrs = (3.0,)
+    with unittest.mock.patch("torch.optim.AdamW", spy):
+        from lbi_fx.cli.quality import run_table
+
+        run_table(cfg, progress=False)
+    lbi_groups = [g for g in seen if len(g) == 2]
+    assert lbi_groups and lbi_groups[0][1][1] == pytest.approx(3 * lbi_groups[0][0][1])

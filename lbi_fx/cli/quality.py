@@ -50,6 +50,7 @@ class Variant:
     norm: str = "layer"
     canvas: str = "shared"  # transform(canvas_weights=...)
     summary: str = "prefix"  # transform(summary=...)
+    interface_lr: float = 1.0  # the interface modules' learning rate / the model's
 
     @property
     def scalars(self) -> int:
@@ -69,8 +70,9 @@ class Variant:
         norm = "" if self.norm == "layer" else f", {self.norm} norm"
         canvas = "" if self.canvas == "shared" else f", {self.canvas.replace('_', '-')} canvas"
         summary = "" if self.summary == "prefix" else f", {self.summary} summary"
+        lr = "" if self.interface_lr == 1.0 else f", interface lr x{self.interface_lr:g}"
         return (f"{self.pool} {describe_width(self.rank, self.segments)}{zero}{norm}{canvas}"
-                f"{summary}")
+                f"{summary}{lr}")
 
 
 def variants(budgets: tuple[int, ...], seq: int, layers: int = 6, region_size: int = 2,
@@ -78,14 +80,16 @@ def variants(budgets: tuple[int, ...], seq: int, layers: int = 6, region_size: i
              ranks: tuple[int, ...] = (4, 16),
              norms: tuple[str, ...] = ("layer",),
              canvases: tuple[str, ...] = ("shared",),
-             summaries: tuple[str, ...] = ("prefix",)) -> list[Variant]:
+             summaries: tuple[str, ...] = ("prefix",),
+             interface_lrs: tuple[float, ...] = (1.0,)) -> list[Variant]:
     """Dense at full depth, at the depth of one region and of K-1 regions (the honest
     baselines: an LBI model that does not beat one region trained alone has thrown the
     earlier regions away); then per budget b: mean and last with r = b (``leaky``),
     causal with r in {4, 16} and S = b / r segments (S = 1 would carry nothing causal; S
     must divide the sequence), each causal row also with zero-initialised decoders
     (``designs``), with every interface norm of ``norms``, canvas weights of
-    ``canvases`` and causal summary of ``summaries``; then SPL on the same partition."""
+    ``canvases``, causal summary of ``summaries`` and interface learning-rate factor of
+    ``interface_lrs``; then SPL on the same partition."""
     rows = [Variant()]
     for depth in dict.fromkeys((region_size, layers - region_size)):
         if 0 < depth < layers:
@@ -95,9 +99,10 @@ def variants(budgets: tuple[int, ...], seq: int, layers: int = 6, region_size: i
             rows += [Variant("mean", b), Variant("last", b)]
         for r in ranks:
             if b % r == 0 and 1 < b // r <= seq and seq % (b // r) == 0:
-                for norm, canvas, summary in itertools.product(norms, canvases, summaries):
+                for norm, canvas, summary, lr in itertools.product(norms, canvases, summaries,
+                                                                   interface_lrs):
                     rows.append(Variant("causal", r, b // r, norm=norm, canvas=canvas,
-                                        summary=summary))
+                                        summary=summary, interface_lr=lr))
                 if designs:
                     rows.append(Variant("causal", r, b // r, decoder_init="zero"))
     if spl:
@@ -120,9 +125,13 @@ class Config(RunConfig):
     norms: tuple[str, ...] = ("layer",)  # interface norms of the causal rows
     canvases: tuple[str, ...] = ("shared",)  # canvas weights of the causal rows
     summaries: tuple[str, ...] = ("prefix",)  # causal summaries of the causal rows
+    interface_lrs: tuple[float, ...] = (1.0,)  # interface lr factors of the causal rows
     # dense rows taken from an earlier run of the same config and seeds (name -> row):
     # dense training is deterministic per seed and thread count, so it need not rerun
     reuse_dense: dict | None = None
+    # A fixed Jacobian strategy: "auto" picks per region by timing, so two runs of one seed
+    # could round differently, and 6000 steps amplify that (0.013 CE measured, #23)
+    jacobian: str = "reuse"
 
     @staticmethod
     def long() -> Config:
@@ -154,7 +163,8 @@ def build(cfg: Config, v: Variant, dense: torch.nn.Module, example: tuple):
             warnings.simplefilter("ignore", lbi_fx.CausalityWarning)
         return lbi_fx.transform(model, regions, rank=v.rank, example_inputs=example, pool=v.pool,
                                 decoder_init=v.decoder_init, interface_norm=v.norm,
-                                canvas_weights=v.canvas, summary=v.summary, **kw)
+                                canvas_weights=v.canvas, summary=v.summary,
+                                jacobian=cfg.jacobian, **kw)
 
 
 @torch.no_grad()
@@ -181,8 +191,15 @@ def train(cfg: Config, v: Variant, model, corpus, val, progress: bool = True) ->
     """AdamW on the shared batch sequence; evaluation and interface spectra logged."""
     from tqdm.auto import tqdm
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    # the interface modules (lbi.enc_*, lbi.dec_*) may learn at their own rate
+    iface = [p for n, p in named if n.startswith("lbi.")]
+    rest = [p for n, p in named if not n.startswith("lbi.")]
+    groups = [{"params": rest, "lr": cfg.lr}]
+    if iface:
+        groups.append({"params": iface, "lr": cfg.lr * v.interface_lr})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     curve, times = [], []
@@ -231,7 +248,7 @@ def run_table(cfg: Config, progress: bool = True) -> tuple[list[dict], dict]:
     example = (torch.randint(0, 256, (2, cfg.seq), generator=torch.Generator().manual_seed(0)),)
     table = variants(cfg.budgets, cfg.seq, cfg.layers, cfg.region_size, cfg.leaky,
                      cfg.designs, cfg.spl, cfg.ranks, cfg.norms,
-                     cfg.canvases, cfg.summaries)
+                     cfg.canvases, cfg.summaries, cfg.interface_lrs)
     runs: dict[Variant, list[dict]] = {v: [] for v in table}
     curves = {}
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
@@ -275,6 +292,7 @@ def run_table(cfg: Config, progress: bool = True) -> tuple[list[dict], dict]:
             "norm": v.norm if v.model == "lbi" else None,
             "canvas_weights": v.canvas if v.model == "lbi" else None,
             "summary": v.summary if v.model == "lbi" else None,
+            "interface_lr": v.interface_lr if v.model == "lbi" else None,
             "steps": cfg.steps, "seeds": cfg.seeds, "seed": cfg.seed,
             "step_ratio": round(step_s / base_step, 2),
             "step_ms": round(1e3 * step_s, 1),
@@ -370,6 +388,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="causal summaries of the causal rows, comma-separated: prefix (default), "
                         "latest (also the last position before the row), recent (also the "
                         "whole segment before it, position by position)")
+    p.add_argument("--interface-lrs", default=None,
+                   help="learning-rate factors of the interface modules for the causal rows, "
+                        "comma-separated (default 1)")
     p.add_argument("--reuse-dense", metavar="JSON",
                    help="take the dense rows from an earlier --json run of the same config "
                         "and seeds (dense training is deterministic per seed and thread count)")
@@ -418,6 +439,15 @@ def run(args: argparse.Namespace) -> int:
         text = getattr(args, flag.replace("-", "_"))
         if text:
             setattr(cfg, field, _choices(flag, text, allowed))
+    if args.interface_lrs:
+        try:
+            lrs = tuple(float(x) for x in args.interface_lrs.split(","))
+        except ValueError:
+            lrs = ()
+        if not lrs or not all(math.isfinite(x) and x > 0 for x in lrs):
+            raise lbi_fx.InputError(f"--interface-lrs {args.interface_lrs!r}: comma-separated "
+                                    "positive numbers")
+        cfg.interface_lrs = lrs
     if args.reuse_dense:
         cfg.reuse_dense = reuse_rows(args.reuse_dense, cfg)
     cfg.eval_every = min(cfg.eval_every, cfg.steps)

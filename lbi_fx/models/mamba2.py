@@ -223,21 +223,34 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """u: (b, T, d_model) -> (b, T, d_model)."""
-        T = u.size(1)
+        z, xBC, dt = self.project(u)
+        xBC = F.silu(self._causal_conv(xBC, u.size(1)))
+        x, dt, A, B, C = self.ssm_inputs(xBC, dt)
+        return self.output(ssd(x, dt, A, B, C, self.chunk_size), x, z)
+
+    # The three steps around the SSD scan, shared with lbi_fx.pgf's tiled mixer, which
+    # runs the scan tile by tile from a carried state.
+    def project(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z, xBC, dt): the gate, the conv input and the raw step sizes."""
+        gn = self.ngroups * self.d_state
+        return self.in_proj(u).split([self.d_inner, self.d_inner + 2 * gn, self.nheads], -1)
+
+    def ssm_inputs(self, xBC: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(x, dt, A, B, C) in the grouped-head layout ``ssd`` takes, from the conv output."""
         g, k = self.ngroups, self.nheads // self.ngroups
         gn = self.ngroups * self.d_state
-        z, xBC, dt = self.in_proj(u).split([self.d_inner, self.d_inner + 2 * gn, self.nheads], -1)
-        xBC = F.silu(self._causal_conv(xBC, T))
         x, B, C = xBC.split([self.d_inner, gn, gn], -1)
         dt = F.softplus(dt + self.dt_bias)
         if self.dt_limit != (0.0, float("inf")):
             dt = dt.clamp(*self.dt_limit)
         A = -torch.exp(self.A_log)
-        x = x.unflatten(-1, (g, k, self.headdim))
-        y = ssd(x, dt.unflatten(-1, (g, k)), A.view(g, k), B.unflatten(-1, (g, self.d_state)),
-                C.unflatten(-1, (g, self.d_state)), self.chunk_size)
-        y = y + x * self.D.view(g, k, 1)
-        return self.out_proj(self.norm(y.flatten(-3), z))
+        return (x.unflatten(-1, (g, k, self.headdim)), dt.unflatten(-1, (g, k)), A.view(g, k),
+                B.unflatten(-1, (g, self.d_state)), C.unflatten(-1, (g, self.d_state)))
+
+    def output(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The skip term, the gated norm and the output projection after the scan."""
+        g, k = self.ngroups, self.nheads // self.ngroups
+        return self.out_proj(self.norm((y + x * self.D.view(g, k, 1)).flatten(-3), z))
 
 
 class MambaBlock(nn.Module):

@@ -47,23 +47,13 @@ def _mixer_tile(m, u, tail, h0):
     tail: the last ``d_conv - 1`` conv inputs before the tile (zeros before the first);
     returns (out, next tail, last state). Same maths as the mixer's own forward.
     """
-    g, k = m.ngroups, m.nheads // m.ngroups
-    gn = m.ngroups * m.d_state
-    z, xBC, dt = m.in_proj(u).split([m.d_inner, m.d_inner + 2 * gn, m.nheads], -1)
+    z, xBC, dt = m.project(u)
     full = torch.cat([tail, xBC], 1)
     next_tail = full[:, full.size(1) - tail.size(1):]
     xBC = F.silu(m._causal_conv(full, full.size(1))[:, tail.size(1):])
-    x, B, C = xBC.split([m.d_inner, gn, gn], -1)
-    dt = F.softplus(dt + m.dt_bias)
-    if m.dt_limit != (0.0, float("inf")):
-        dt = dt.clamp(*m.dt_limit)
-    A = -torch.exp(m.A_log)
-    x = x.unflatten(-1, (g, k, m.headdim))
-    y, h = ssd_with_state(x, dt.unflatten(-1, (g, k)), A.view(g, k),
-                          B.unflatten(-1, (g, m.d_state)), C.unflatten(-1, (g, m.d_state)),
-                          m.chunk_size, h0)
-    y = y + x * m.D.view(g, k, 1)
-    return m.out_proj(m.norm(y.flatten(-3), z)), next_tail, h
+    x, dt, A, B, C = m.ssm_inputs(xBC, dt)
+    y, h = ssd_with_state(x, dt, A, B, C, m.chunk_size, h0)
+    return m.output(y, x, z), next_tail, h
 
 
 class _TiledMixer(torch.autograd.Function):
