@@ -368,3 +368,14 @@ def test_causal_interface_jacobians_are_block_lower_triangular():
                 elif t < s and s > 0:
                     assert size > 0.0, (k, s, t)  # earlier segments do reach later rows
         assert float(blocks[:, 0, :, 1:].abs().max()) == 0.0
+
+
+def test_summary_refused_where_auto_chooses_the_mean_pool():
+    """summary= shapes causal segments: on a model auto gives pool='mean' it is refused by
+    name, never silently dropped."""
+    torch.manual_seed(0)
+    model = Bidirectional().eval()
+    ex = (torch.randint(0, 32, (2, 12)),)
+    with pytest.raises(lbi_fx.InputError, match="summary='latest'.*chose 'mean'"):
+        lbi_fx.transform(model, lbi_fx.every(2, "layers"), rank=4, example_inputs=ex,
+                         summary="latest")

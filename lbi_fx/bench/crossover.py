@@ -54,6 +54,7 @@ from lbi_fx.bench.link import (
     probe,
     shaped_loopback,
 )
+from lbi_fx.cli.common import int_list
 from lbi_fx.errors import InputError
 
 METHODS = ("gpipe", "1f1b", "lbi_shared", "lbi_shared_relay", "lbi_per_region",
@@ -467,16 +468,6 @@ def plot(s: dict, path: str) -> None:
 
 # -- command line -------------------------------------------------------------------------
 
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        out = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise InputError(f"{flag} {text!r}: expected comma-separated ints") from None
-    if not out or min(out) < 1:
-        raise InputError(f"{flag} {text!r}: expected ints >= 1")
-    return list(dict.fromkeys(out))
-
-
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The flags of ``lbi-fx bench crossover``."""
     ap.add_argument("--rates", default=DEFAULT_RATES,
@@ -511,7 +502,7 @@ def config(a: argparse.Namespace) -> dict:
         raise InputError("--rates is empty: give e.g. unshaped,100mbit,10mbit")
     for r in rates:
         parse_rate(r)
-    cfg = dict(rates=rates, microbatches=_ints(a.microbatches, "--microbatches"),
+    cfg = dict(rates=rates, microbatches=int_list(a.microbatches, "--microbatches"),
                layers=a.layers, width=a.width, heads=a.heads, seq=a.seq, batch=a.batch,
                region_size=a.region_size, rank=a.rank, world=a.world, steps=a.steps,
                warmup=a.warmup, timeout=a.timeout,

@@ -40,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from lbi_fx import pgf
 from lbi_fx.bench import standalone
 from lbi_fx.bench.step import _peak_memory, _sync
+from lbi_fx.cli.common import int_list
 
 METHODS = ("loop", "vectorised", "checkpoint", "pgf")
 _DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
@@ -362,23 +363,14 @@ def plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _lengths(text: str) -> list[int]:
-    try:
-        out = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise SystemExit(f"lbi-fx bench pgf: bad length list {text!r}") from None
-    if not out or min(out) < 1:
-        raise SystemExit(f"lbi-fx bench pgf: bad length list {text!r}")
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     """``lbi-fx bench pgf``; returns the process exit status."""
     from tqdm import tqdm
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    lengths, m2_lengths = _lengths(args.lengths), _lengths(args.mamba2_lengths)
+    lengths = int_list(args.lengths, "--lengths")
+    m2_lengths = int_list(args.mamba2_lengths, "--mamba2-lengths")
     if args.quick:
         lengths = [x for x in lengths if x <= 4096] or lengths[:1]
         m2_lengths = m2_lengths[:1]

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from lbi_fx.cli.factory import UsageError, add_factory_kw, load_factory, parse_factory_kw
+from lbi_fx.errors import InputError
 
 
 def model_and_inputs(args) -> tuple:
@@ -117,3 +118,15 @@ def standalone(module: ModuleType, prog: str, argv: Sequence[str] | None) -> int
     parser = argparse.ArgumentParser(prog=prog, description=doc)
     module.add_arguments(parser)
     return module.run(parser.parse_args(None if argv is None else list(argv)))
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    """A flag's comma-separated ints, each >= 1, first occurrences in order; else an
+    ``InputError`` naming the flag and the value."""
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"{flag} {text!r}: expected comma-separated ints, e.g. 1,2,4,8") from None
+    if not out or min(out) < 1:
+        raise InputError(f"{flag} {text!r}: expected ints >= 1")
+    return list(dict.fromkeys(out))

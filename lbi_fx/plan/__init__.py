@@ -61,6 +61,7 @@ import sys
 from collections.abc import Sequence
 
 from lbi_fx.bench.link import UNSHAPED, parse_rate
+from lbi_fx.cli.common import int_list
 from lbi_fx.errors import InputError
 from lbi_fx.plan.prediction import (
     LABELS,
@@ -131,16 +132,6 @@ DEFAULT_RATES = "unshaped,1gbit,100mbit,10mbit"
 DEFAULT_LOOPBACK = "20gbit"
 
 
-def _ints(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        out = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise InputError(f"{flag} {text!r}: expected comma-separated ints, e.g. 1,2,4,8") from None
-    if not out or min(out) < 1:
-        raise InputError(f"{flag} {text!r}: expected ints >= 1")
-    return tuple(dict.fromkeys(out))
-
-
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The flags of ``lbi-fx plan`` (the model flags are the crossover bench's)."""
     ap.add_argument("--layers", type=int, default=6, help="GPT layers (default 6)")
@@ -195,7 +186,7 @@ def config(a: argparse.Namespace) -> Config:
     if a.microbatches is None:
         ms = tuple(m for m in (1, 2, 4, 8) if a.batch >= 1 and a.batch % m == 0)
     else:
-        ms = _ints(a.microbatches, "--microbatches")
+        ms = tuple(int_list(a.microbatches, "--microbatches"))
     cfg = Config(layers=a.layers, width=a.width, heads=a.heads, seq=a.seq, batch=a.batch,
                  region_size=2 if size is None else size, rank=a.rank, vocab=a.vocab,
                  world=a.world, microbatches=ms)
