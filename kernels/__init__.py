@@ -32,3 +32,32 @@ if __name__ == "lbi_fx.kernels":
     ]
 else:  # pragma: no cover - a probe by another library, see above
     __all__: list[str] = []
+
+    def _defer_to_the_installed_kernels() -> None:
+        """Where the Hugging Face ``kernels`` package is installed too, ``import kernels``
+        from a checkout's root must give that package, not this directory: transformers
+        imports names from it once its distribution is found (``from kernels import
+        CUDAProperties``). The import system returns whatever ``sys.modules`` holds for
+        the name when this file finishes, so the other package's module goes there."""
+        import importlib.machinery
+        import importlib.util
+        import os
+        import sys
+
+        here = os.path.dirname(os.path.abspath(__file__))
+        root = os.path.dirname(here)
+        others = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != root]
+        spec = importlib.machinery.PathFinder.find_spec(__name__, others)
+        if spec is None or spec.origin is None or os.path.dirname(
+                os.path.abspath(spec.origin)) == here:
+            return
+        ours, module = sys.modules[__name__], importlib.util.module_from_spec(spec)
+        sys.modules[__name__] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules[__name__] = ours
+            raise
+
+    if __name__ == "kernels":
+        _defer_to_the_installed_kernels()

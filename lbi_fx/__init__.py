@@ -21,6 +21,7 @@ from lbi_fx.errors import (
     SeparatorError,
     TraceError,
 )
+from lbi_fx.interfaces import per_position
 from lbi_fx.passes.capture import CaptureWarning
 from lbi_fx.regions import composition, every
 from lbi_fx.report import BoundaryReport, SeparatorReport
@@ -50,6 +51,7 @@ __all__ = [
     "TraceError",
     "composition",
     "every",
+    "per_position",
     "stage_partition",
     "transform",
     "verify",

@@ -16,6 +16,7 @@ from lbi_fx.interfaces import (
     POOLS,
     SUMMARIES,
     Segments,
+    check_window,
     rank_problem,
 )
 from lbi_fx.passes.shape_prop import output_tensor
@@ -75,6 +76,8 @@ def transform(
     interface_norm: str = "layer",
     canvas_weights: str = "shared",
     summary: str = "prefix",
+    decoder_window: int = 1,
+    decoder_at: str = "first",
 ):
     """Rewrite ``model`` into a bounded-interface model whose backward is Algorithm 1.
 
@@ -99,7 +102,15 @@ def transform(
     leaves r - 2 degrees of freedom. ``interface_norm="rms"`` (RMSNorm, r - 1 left, rank
     >= 2) or ``"none"`` (all r, rank >= 1) keep more of a small row. ``summary="latest"``
     / ``"recent"`` (causal pools only) let each causal encoder read, beside the prefix
-    mean, the last position before the row / the whole segment before it.
+    mean, the last position before the row / the whole segment before it;
+    ``"inclusive"`` reads the mean up to and including the row's first position and that
+    position's own state (with ``segment_len=1`` every position reads its own deep state;
+    use it with ``decoder_init="zero"``: with default decoders the per-position model
+    trained far worse than one region alone, issue #23). ``decoder_window=w`` (causal pools
+    only) lets each decoder read the w latest rows a position may see instead of one: a
+    causal convolution over m_k's rows, so a per-position interface of rank 1 reaches the
+    region as w features. ``decoder_at="every"`` also adds a decoder of m_k before every
+    later block of a region (the modules its spec names), not only where it starts.
 
     The result shares parameters with ``model`` (deep-copy the model first for an
     independent copy). Raises an ``LBIError`` subclass naming the culprit when the
@@ -112,6 +123,7 @@ def transform(
     from lbi_fx.module import LBIModule
     from lbi_fx.passes.check_batch_mixing import check_batch_mixing
     from lbi_fx.passes.check_state import check_state_writes
+    from lbi_fx.passes.decode_at_blocks import DECODER_AT, decode_at_blocks
     from lbi_fx.passes.insert_interfaces import insert_interfaces
     from lbi_fx.passes.mark_dynamic import mark_dynamic
     from lbi_fx.passes.per_region_canvas import CANVAS_WEIGHTS, per_region_canvas
@@ -126,6 +138,8 @@ def transform(
         raise InputError(f"decoder_init={decoder_init!r}: choose one of {', '.join(DECODER_INITS)}")
     if canvas_weights not in CANVAS_WEIGHTS:
         raise InputError(f"canvas_weights={canvas_weights!r}: choose one of {', '.join(CANVAS_WEIGHTS)}")
+    if decoder_at not in DECODER_AT:
+        raise InputError(f"decoder_at={decoder_at!r}: choose one of {', '.join(DECODER_AT)}")
     if interface_norm not in NORMS:
         raise InputError(f"interface_norm={interface_norm!r}: choose one of {', '.join(NORMS)}")
     if summary not in SUMMARIES:
@@ -149,6 +163,7 @@ def transform(
     if summary != "prefix" and layout.segments is None:
         raise InputError(f"summary={summary!r} reads whole causal segments, but pool='auto' "
                          f"chose {layout.pool!r} for this model; pass pool='causal' or drop summary=")
+    check_window(decoder_window, layout.segments)
     rows = layout.segments.count if layout.segments is not None else 1
     widths = [r * rows for r in ranks]  # scalars per sample each m_k carries
     dense = separator_report(a.gm, a.regions, a.batch)
@@ -163,7 +178,9 @@ def transform(
     plan = insert_interfaces(a.gm, K, ranks, encoder=encoder, pool=layout.pool, canvas=canvas,
                              decoder_init=decoder_init, norm=interface_norm,
                              segments=layout.segments,
-                             summary=summary)
+                             summary=summary, decoder_window=decoder_window)
+    if decoder_at == "every":
+        decode_at_blocks(a.gm, a.regions, plan.m_nodes, zero_init=decoder_init == "zero")
     if canvas_weights == "per_region":
         per_region_canvas(a.gm, K)
     propagate_shapes(a.gm, a.example_inputs)

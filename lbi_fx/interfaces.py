@@ -28,10 +28,25 @@ DECODER_INITS = ("default", "zero")
 NORMS = ("layer", "rms", "none")
 MIN_RANKS = {"layer": 3, "rms": 2, "none": 1}
 MIN_RANK = MIN_RANKS["layer"]
-# What a causal encoder reads of the positions before row s: "prefix" their mean;
-# "latest" that mean and the last position before segment s; "recent" that mean and,
-# position by position, the whole segment before s.
-SUMMARIES = ("prefix", "latest", "recent")
+# What a causal encoder reads for row s: "prefix" the mean of the positions before segment
+# s; "latest" that mean and the last position before segment s; "recent" that mean and,
+# position by position, the whole segment before s; "inclusive" the mean of the positions
+# up to and including segment s's first position, and that position's own state (with
+# segment_len=1 every position reads its own deep state: a per-position bottleneck).
+SUMMARIES = ("prefix", "latest", "recent", "inclusive")
+
+
+def per_position(rank: int = 1, window: int = 4, segment_len: int = 1) -> dict:
+    """``transform`` arguments of the causal interface that kept the most depth (issue
+    #23, ``lbi-fx quality --long``): one row of ``rank`` scalars per ``segment_len``
+    positions (per position by default), each row read up to and including its own first
+    position, decoders that read the ``window`` latest rows and start at zero, no row
+    norm below rank 3. Its width is (max_len / segment_len) x rank scalars per sample, so
+    it grows with the sequence: at 64 positions, rank 1 is the 64 scalars of the default
+    16 x 4 segments. ``transform(model, regions, example_inputs=ex, **per_position())``."""
+    return {"pool": "causal", "rank": rank, "segment_len": segment_len,
+            "summary": "inclusive", "decoder_window": window, "decoder_init": "zero",
+            "interface_norm": "layer" if rank >= MIN_RANKS["layer"] else "none"}
 
 
 def rank_problem(rank: int, norm: str = "layer") -> str:
@@ -135,11 +150,27 @@ def recent_segment(x: torch.Tensor, seg: Segments) -> torch.Tensor:
     return torch.nn.functional.pad(rows[:, :-1], (0, 0, 1, 0))
 
 
+def inclusive_pool(x: torch.Tensor, seg: Segments) -> torch.Tensor:
+    """(B, L, ..., D) -> (B, S, 2 D): row s is the mean of x over positions up to and
+    including p_s = s * segment_len (the first position of segment s, the latest one every
+    position of the segment may see), then x at p_s; zeros where p_s is past the input."""
+    seg.check(x.shape[1])
+    x = x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1]).mean(dim=2) if x.dim() > 3 else x
+    B, L, D = x.shape
+    firsts = torch.arange(0, L, seg.length, device=x.device)  # p_s of the rows the input reaches
+    means = x.cumsum(dim=1)[:, firsts] / (firsts + 1).to(x.dtype)[:, None]
+    rows = torch.cat([means, x[:, firsts]], dim=-1)
+    return torch.nn.functional.pad(rows, (0, 0, 0, seg.count - firsts.numel()))
+
+
 def causal_summary(x: torch.Tensor, seg: Segments, summary: str) -> torch.Tensor:
     """What a causal encoder reads per row: the prefix mean, then the last position
-    before the row (``"latest"``) or the whole segment before it (``"recent"``)."""
+    before the row (``"latest"``) or the whole segment before it (``"recent"``); or, for
+    ``"inclusive"``, the mean up to the row's first position and that position."""
     if summary == "prefix":
         return prefix_pool(x, seg)
+    if summary == "inclusive":
+        return inclusive_pool(x, seg)
     recent = recent_segment(x, seg)
     if summary == "latest":
         recent = recent[..., -x.shape[-1]:]  # the segment's last position
@@ -148,7 +179,8 @@ def causal_summary(x: torch.Tensor, seg: Segments, summary: str) -> torch.Tensor
 
 def summary_positions(summary: str, seg: Segments | None) -> int:
     """Positions a causal summary reads beside the prefix mean."""
-    return {"prefix": 0, "latest": 1, "recent": seg.length if seg is not None else 0}[summary]
+    return {"prefix": 0, "latest": 1, "inclusive": 1,
+            "recent": seg.length if seg is not None else 0}[summary]
 
 
 def spread(d: torch.Tensor, length: int, seg: Segments) -> torch.Tensor:
@@ -234,8 +266,9 @@ class InterfaceEncoder(nn.Module):
         """Row 0 of the output from m alone: a causal row 0 pools an empty prefix, so
         it is LN(m[0] + tanh(a) Enc(0)) whatever the region computes (the backward takes
         its Jacobian rows from here instead of VJPs through the region)."""
-        if self.segments is None or not self.residual:
-            raise RewriteError("first_row is defined for residual causal encoders only "
+        if self.segments is None or not self.residual or getattr(self, "summary", "") == "inclusive":
+            raise RewriteError("first_row is defined for residual causal encoders whose row 0 "
+                               "pools an empty prefix only "
                                "(a bug in lbi-fx; please report it)")
         row = m.reshape(m.shape[0], self.rows, self.in_rank)[:, :1]
         if self.in_rank != self.rank:
@@ -247,9 +280,28 @@ class InterfaceEncoder(nn.Module):
         return self.norm(row).flatten(1)
 
 
+def check_window(window: int, segments: Segments | None) -> None:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise InputError(f"decoder_window={window!r}: the rows a decoder reads, an int >= 1")
+    if window > 1 and segments is None:
+        raise InputError(f"decoder_window={window} reads earlier causal rows; a mean or last "
+                         "pool has one row (use pool='causal')")
+
+
+def row_window(rows: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, S, r) -> (B, S, window * r): row s beside the ``window - 1`` rows before it
+    (oldest first, zeros before row 0), so a decoder reads only rows <= s."""
+    if window == 1:
+        return rows
+    S = rows.shape[1]
+    padded = torch.nn.functional.pad(rows, (0, 0, window - 1, 0))
+    return torch.cat([padded[:, i:i + S] for i in range(window)], dim=-1)
+
+
 class InterfaceDecoder(nn.Module):
     """x_hat = canvas + Dec_k(m_k), broadcast over every axis but batch and features
-    (with ``segments``: position t of segment s adds Dec_k(m_k[s])).
+    (with ``segments``: position t of segment s adds Dec_k(m_k[s]); with ``window`` w it
+    adds Dec_k(m_k[s - w + 1 .. s]), the w latest rows it may see, a causal convolution).
 
     ``shape`` says how to build the target shape at run time: each entry is either
     ``("canvas", j)`` (take ``canvas.shape[j]``, so batch and sequence stay dynamic) or
@@ -260,8 +312,10 @@ class InterfaceDecoder(nn.Module):
 
     def __init__(self, rank: int, hidden: int, out_features: int, shape: list[tuple[str, int]],
                  *, kind: str = "mlp", use_canvas: bool = True, segments: Segments | None = None,
-                 seq_axis: int | None = None, zero_init: bool = False):
+                 seq_axis: int | None = None, zero_init: bool = False, window: int = 1):
         super().__init__()
+        check_window(window, segments)
+        self.window = window
         self.shape = [tuple(s) for s in shape]
         self.seq_axis = seq_axis
         at = 1 if seq_axis is None else seq_axis
@@ -272,7 +326,7 @@ class InterfaceDecoder(nn.Module):
         self.rank = rank
         self.use_canvas = use_canvas
         self.segments = segments
-        self.net = _mlp(rank, hidden, out_features, kind)
+        self.net = _mlp(rank * window, hidden, out_features, kind)
         if zero_init:  # Dec_k(m) = 0 at init: each region starts as its dense self on the canvas
             last = self.net if isinstance(self.net, nn.Linear) else self.net[-1]
             nn.init.zeros_(last.weight)
@@ -285,7 +339,8 @@ class InterfaceDecoder(nn.Module):
         if moved:  # build (B, L, ..., F), then put the sequence back on its axis
             shape = [shape[0], shape[at], *shape[1:at], *shape[at + 1:]]
         if self.segments is not None:  # position t reads the row of its segment
-            d = self.net(m.reshape(m.shape[0], self.segments.count, self.rank))
+            rows = m.reshape(m.shape[0], self.segments.count, self.rank)
+            d = self.net(row_window(rows, getattr(self, "window", 1)))
             d = spread(d, shape[1], self.segments)
             d = d.reshape(d.shape[0], d.shape[1], *([1] * (len(shape) - 3)), d.shape[-1])
             d = d.expand(shape)

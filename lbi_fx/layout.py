@@ -38,7 +38,7 @@ def interface_layout(container: nn.Module) -> dict[str, Any]:
     themselves (so it describes the weights, whatever attributes the model carries)."""
     from lbi_fx.interfaces import InterfaceEncoder
 
-    pools, segs, kinds, ranks, summaries = set(), set(), set(), {}, set()
+    pools, segs, kinds, ranks, summaries, windows = set(), set(), set(), {}, set(), set()
     for name, mod in container.named_children():
         seg = getattr(mod, "segments", None)
         segs.add(None if seg is None else (seg.count, seg.length, seg.max_len))
@@ -49,6 +49,8 @@ def interface_layout(container: nn.Module) -> dict[str, Any]:
             pools.add(mod.pool)
             summaries.add(getattr(mod, "summary", "prefix"))
             ranks[name] = [mod.in_rank, mod.rank]
+        else:
+            windows.add(getattr(mod, "window", 1))
 
     def one(values: set):
         return next(iter(values)) if len(values) == 1 else sorted(values, key=repr) or None
@@ -57,6 +59,9 @@ def interface_layout(container: nn.Module) -> dict[str, Any]:
     return {"pool": one(pools),
             "segments": None if seg is None else dict(zip(("count", "length", "max_len"), seg)),
             "encoder": one(kinds), "ranks": ranks, "summary": one(summaries) or "prefix",
+            "decoder_window": one(windows) or 1,
+            # passes/decode_at_blocks.py names its decoders dec_{k}_b{j}
+            "decoder_at": "every" if any("_b" in n for n, _ in container.named_children()) else "first",
             # set by passes/per_region_canvas.py: per-region copies of the canvas weights
             "canvas_weights": getattr(container, "canvas_weights", "shared")}
 
@@ -70,7 +75,8 @@ def lbi_layout(lbi: nn.Module) -> dict[str, Any]:
 
 FIELDS = {"pool": "pool", "segments": "segment layout", "encoder": "encoder kind",
           "ranks": "interface ranks", "rank_per_row": "interface ranks per row",
-          "canvas_weights": "canvas weights", "summary": "causal summary"}
+          "canvas_weights": "canvas weights", "summary": "causal summary",
+          "decoder_window": "decoder window", "decoder_at": "decoders at"}
 
 
 def _show(field: str, value: Any) -> str:
@@ -101,6 +107,10 @@ def rebuild_hint(saved: dict) -> str:
         how += f", encoder={saved['encoder']!r}"
     if saved.get("summary", "prefix") != "prefix":
         how += f", summary={saved['summary']!r}"
+    if saved.get("decoder_at", "first") != "first":
+        how += f", decoder_at={saved['decoder_at']!r}"
+    if saved.get("decoder_window", 1) != 1:
+        how += f", decoder_window={saved['decoder_window']!r}"
     if saved.get("canvas_weights", "shared") != "shared":
         how += f", canvas_weights={saved['canvas_weights']!r}"
     return f"rebuild the model with lbi_fx.transform(..., {how}) and the saved ranks, then load"

@@ -164,6 +164,7 @@ def insert_interfaces(
     decoder_init: str = "default",
     norm: str = "layer",
     summary: str = "prefix",
+    decoder_window: int = 1,
 ) -> InterfacePlan:
     """Rewrite ``gm`` in place; adds ``gm.lbi`` (a ModuleDict of interface modules).
 
@@ -208,6 +209,7 @@ def insert_interfaces(
     width = feats(canvas_node)
     factory = {"dtype": c_meta.dtype}
     seg = {"segments": segments}
+    dec_seg = {**seg, "window": decoder_window}
     enc_seg = {**seg, "norm": norm, "summary": summary}
     mods = InterfaceDict()  # a ModuleDict that records its layout in state dicts
     keys: dict[fx.Node, tuple[int, float]] = {}
@@ -228,7 +230,7 @@ def insert_interfaces(
     mods["enc_in"].pools_positions = pools_positions(canvas_node)
     zero = decoder_init == "zero"
     dec0 = add("dec_0_0", InterfaceDecoder(ranks[0], width, width, target(canvas_node), kind=encoder,
-                                           seq_axis=c_axis, zero_init=zero, **seg),
+                                           seq_axis=c_axis, zero_init=zero, **dec_seg),
                (m0, canvas_node), 0, -1.0, "decoder")
     for user in list(canvas_node.users):
         if user is not dec0 and place_of(user) == 0:
@@ -253,7 +255,7 @@ def insert_interfaces(
             same = tuple(t.shape) == tuple(c_meta.shape) and (not known or _axes(u) == _axes(canvas_node))
             dec = add(f"dec_{k}_{i}", InterfaceDecoder(
                 r_out, width, feats(u), target(u), kind=encoder, use_canvas=same,
-                seq_axis=axis(u), zero_init=zero, **seg),
+                seq_axis=axis(u), zero_init=zero, **dec_seg),
                 (m_k, canvas_node), k, -1.0 + i * 1e-3, "decoder")
             world[(k, u)] = dec
             last = k == K - 1

@@ -11,7 +11,8 @@
 # Without CUDA (no NVIDIA driver, CUDA_VISIBLE_DEVICES empty or -1, or a torch that sees
 # no device) it installs nothing, says so on stderr and still writes the JSON, status
 # "no CUDA". Set-up needs only PyPI: pip install torch==2.13.0 (the CUDA wheel on Linux)
-# and this project with its test extra, as scripts/run.sh does.
+# and this project with its test extra, as scripts/run.sh does; a machine whose system
+# Python already has a CUDA torch (and no network) lends its packages to the venv instead.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -48,17 +49,7 @@ fi
 left=$(( BUDGET - ($(date +%s) - START) ))
 SETUP_S=$(( left < 240 ? left : 240 ))
 t0=$(date +%s)
-timeout -k 5 "$SETUP_S" bash -c '
-  set -e
-  [ -x .venv/bin/python ] || "$0" -m venv .venv
-  if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-    # absent, or a +cpu build: the PyPI wheel of torch 2.13.0 on Linux is the CUDA one
-    .venv/bin/python -m pip install -q --upgrade pip || true
-    .venv/bin/python -m pip install -q --force-reinstall "torch==2.13.0"
-  fi
-  .venv/bin/python -c "import lbi_fx, pytest, transformers" 2>/dev/null \
-    || .venv/bin/python -m pip install -q -e ".[test]"
-' "$SYS_PY" >"$LOGS/setup.log" 2>&1
+timeout -k 5 "$SETUP_S" bash scripts/gpu_setup.sh "$SYS_PY" >"$LOGS/setup.log" 2>&1
 SETUP_RC=$?
 SETUP_WALL=$(( $(date +%s) - t0 ))
 export SETUP_RC SETUP_WALL SETUP_S

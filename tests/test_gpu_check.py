@@ -44,3 +44,54 @@ def test_a_torch_without_cuda_is_no_cuda_too(tmp_path):
     assert result["status"] == "no CUDA" and result["device"]["available"] is False
     assert "torch in .venv sees no CUDA device" in result["message"]
     assert set(result["parts"]) == {"setup"}  # no test or bench ran
+
+
+FAKE_PY = """#!/usr/bin/env bash
+# a stand-in Python: logs its arguments; CUDA, imports and pip answer as $FAKE_* say
+echo "$*" >> "$FAKE_LOG"
+case "$*" in
+  *"-m venv"*) mkdir -p .venv/bin && cp "$FAKE_SELF" .venv/bin/python && exit 0 ;;
+  *cuda.is_available*) [ "$FAKE_CUDA" = 1 ] ;;
+  *"import lbi_fx, pytest, transformers"*) [ "$FAKE_INSTALLED" = 1 ] ;;
+  *"--no-index"*) exit 0 ;;
+  *"-m pip"*) exit 1 ;;  # no network
+  *) exit 0 ;;
+esac
+"""
+
+
+def _setup(tmp_path: Path, cuda: bool, installed: bool) -> tuple[int, list[str]]:
+    fake = tmp_path / "py"
+    fake.write_text(FAKE_PY)
+    fake.chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = {**os.environ, "FAKE_LOG": str(log), "FAKE_SELF": str(fake),
+           "FAKE_CUDA": str(int(cuda)), "FAKE_INSTALLED": str(int(installed))}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_setup.sh"), str(fake)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    return proc.returncode, log.read_text().splitlines()
+
+
+def test_offline_cuda_machine_uses_its_own_torch(tmp_path):
+    """A GPU machine without network whose system Python has a CUDA torch (the device
+    lent on 2026-12-04: its set-up died trying to download torch==2.13.0): the venv borrows
+    the system packages and nothing is downloaded."""
+    rc, calls = _setup(tmp_path, cuda=True, installed=True)
+    assert rc == 0
+    assert "-m venv --system-site-packages .venv" in calls
+    assert not any("-m pip" in c for c in calls)
+
+
+def test_offline_machine_installs_lbi_fx_without_dependencies(tmp_path):
+    rc, calls = _setup(tmp_path, cuda=True, installed=False)
+    assert rc == 0
+    pips = [c for c in calls if "-m pip" in c]
+    assert len(pips) == 2 and ".[test]" in pips[0] and "--no-index" in pips[1]
+    assert not any("torch==" in c for c in calls)
+
+
+def test_machine_without_a_cuda_torch_gets_the_pinned_wheel(tmp_path):
+    rc, calls = _setup(tmp_path, cuda=False, installed=True)
+    assert rc != 0  # the download fails here (the fake has no network), and says so
+    assert "-m venv .venv" in calls
+    assert any("torch==2.13.0" in c for c in calls)

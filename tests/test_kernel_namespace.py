@@ -1,6 +1,8 @@
 """From a checkout's root the source directory ``kernels/`` is importable as ``kernels``,
 the name of the Hugging Face kernels package that ``transformers`` probes for by importing
-it. That import must not re-register lbi-fx's custom ops under a copy of ``ops``."""
+it. That import must not re-register lbi-fx's custom ops under a copy of ``ops``, and where
+the Hugging Face package is installed it must get that package (transformers imports names
+from it once it finds its distribution)."""
 
 from __future__ import annotations
 
@@ -11,12 +13,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 CODE = r"""
-import importlib, sys, warnings
+import importlib, importlib.metadata, sys, warnings
 import torch
 import lbi_fx.kernels.ops as ops
 sys.path.insert(0, sys.argv[1])       # the checkout's root, as `python -m` from there gives
-importlib.import_module("kernels")    # what transformers' availability probe does
+probe = importlib.import_module("kernels")  # what transformers' availability probe does
 assert "kernels.ops" not in sys.modules, "the probe loaded a second copy of ops"
+try:
+    importlib.metadata.distribution("kernels")  # Hugging Face's: transformers imports from it
+    assert hasattr(probe, "CUDAProperties"), f"the checkout's kernels/ shadowed {probe.__file__}"
+except importlib.metadata.PackageNotFoundError:
+    assert probe.__all__ == [], probe.__file__  # the checkout's directory, left empty
 J = torch.randn(2, 3, 4, 4, dtype=torch.float64)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")

@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_leaves
 import lbi_fx
 from lbi_fx.bench import standalone
 from lbi_fx.cli.factory import add_factory_kw
+from lbi_fx.interfaces import NORMS, SUMMARIES
 from lbi_fx.kernels import suffix_scan
 from lbi_fx.report import describe_width
 from lbi_fx.runtime import STRATEGIES
@@ -263,6 +264,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                          "paper's one row, w = RANK)")
     ap.add_argument("--segment-len", type=int, default=None,
                     help="positions per causal segment (default seq / 4)")
+    ap.add_argument("--summary", default="prefix", choices=list(SUMMARIES),
+                    help="what a causal row reads (default prefix; inclusive: up to and "
+                         "including its segment's first position)")
+    ap.add_argument("--interface-norm", default="layer", choices=list(NORMS),
+                    help="per-row norm of m_k (default layer; rank 1 needs none)")
     ap.add_argument("--jacobian", default="auto", choices=list(STRATEGIES),
                     help="how region Jacobians are computed (default auto)")
     ap.add_argument("--chunk", type=int, default=None, help="rows per rerun for recompute")
@@ -302,7 +308,8 @@ def run(args: argparse.Namespace) -> int:
     regions = args.regions or lbi_fx.every(args.region_size, "layers")
     lbi = lbi_fx.transform(model, regions, rank=args.rank,
                            example_inputs=inputs, jacobian=args.jacobian, chunk=args.chunk,
-                           pool=args.pool, segment_len=args.segment_len, **extra)
+                           pool=args.pool, segment_len=args.segment_len,
+                           summary=args.summary, interface_norm=args.interface_norm, **extra)
     from lbi_fx.cli.factory import training_loss
 
     with torch.no_grad():

@@ -51,6 +51,9 @@ class Variant:
     canvas: str = "shared"  # transform(canvas_weights=...)
     summary: str = "prefix"  # transform(summary=...)
     interface_lr: float = 1.0  # the interface modules' learning rate / the model's
+    decoder_window: int = 1  # transform(decoder_window=...)
+    decoder_at: str = "first"  # transform(decoder_at=...)
+    encoder: str = "mlp"  # transform(encoder=...)
 
     @property
     def scalars(self) -> int:
@@ -71,8 +74,11 @@ class Variant:
         canvas = "" if self.canvas == "shared" else f", {self.canvas.replace('_', '-')} canvas"
         summary = "" if self.summary == "prefix" else f", {self.summary} summary"
         lr = "" if self.interface_lr == 1.0 else f", interface lr x{self.interface_lr:g}"
+        window = "" if self.decoder_window == 1 else f", decoder window {self.decoder_window}"
+        at = "" if self.decoder_at == "first" else f", decoders at {self.decoder_at} block"
+        enc = "" if self.encoder == "mlp" else f", {self.encoder} encoder/decoder"
         return (f"{self.pool} {describe_width(self.rank, self.segments)}{zero}{norm}{canvas}"
-                f"{summary}{lr}")
+                f"{summary}{lr}{window}{at}{enc}")
 
 
 def variants(budgets: tuple[int, ...], seq: int, layers: int = 6, region_size: int = 2,
@@ -81,15 +87,23 @@ def variants(budgets: tuple[int, ...], seq: int, layers: int = 6, region_size: i
              norms: tuple[str, ...] = ("layer",),
              canvases: tuple[str, ...] = ("shared",),
              summaries: tuple[str, ...] = ("prefix",),
-             interface_lrs: tuple[float, ...] = (1.0,)) -> list[Variant]:
+             interface_lrs: tuple[float, ...] = (1.0,),
+             decoder_inits: tuple[str, ...] = ("default",),
+             decoder_windows: tuple[int, ...] = (1,),
+             decoders_at: tuple[str, ...] = ("first",),
+             encoders: tuple[str, ...] = ("mlp",),
+             per_position: bool = False) -> list[Variant]:
     """Dense at full depth, at the depth of one region and of K-1 regions (the honest
     baselines: an LBI model that does not beat one region trained alone has thrown the
     earlier regions away); then per budget b: mean and last with r = b (``leaky``),
     causal with r in {4, 16} and S = b / r segments (S = 1 would carry nothing causal; S
     must divide the sequence), each causal row also with zero-initialised decoders
     (``designs``), with every interface norm of ``norms``, canvas weights of
-    ``canvases``, causal summary of ``summaries`` and interface learning-rate factor of
-    ``interface_lrs``; then SPL on the same partition."""
+    ``canvases``, causal summary of ``summaries``, interface learning-rate factor of
+    ``interface_lrs``, decoder init of ``decoder_inits``, decoder window of
+    ``decoder_windows``, decoder place of ``decoders_at`` and encoder kind of ``encoders``;
+    then, with ``per_position``, the design of :func:`lbi_fx.per_position` at each budget
+    (rows of its rank, budget / rank of them); then SPL on the same partition."""
     rows = [Variant()]
     for depth in dict.fromkeys((region_size, layers - region_size)):
         if 0 < depth < layers:
@@ -99,15 +113,24 @@ def variants(budgets: tuple[int, ...], seq: int, layers: int = 6, region_size: i
             rows += [Variant("mean", b), Variant("last", b)]
         for r in ranks:
             if b % r == 0 and 1 < b // r <= seq and seq % (b // r) == 0:
-                for norm, canvas, summary, lr in itertools.product(norms, canvases, summaries,
-                                                                   interface_lrs):
+                for norm, canvas, summary, lr, init, window, at, enc in itertools.product(
+                        norms, canvases, summaries, interface_lrs, decoder_inits,
+                        decoder_windows, decoders_at, encoders):
                     rows.append(Variant("causal", r, b // r, norm=norm, canvas=canvas,
-                                        summary=summary, interface_lr=lr))
-                if designs:
+                                        summary=summary, interface_lr=lr, decoder_init=init,
+                                        decoder_window=window, decoder_at=at, encoder=enc))
+                if designs and "zero" not in decoder_inits:
                     rows.append(Variant("causal", r, b // r, decoder_init="zero"))
+        if per_position:
+            p = lbi_fx.per_position()
+            S = b // p["rank"]
+            if b % p["rank"] == 0 and 1 < S <= seq and seq % S == 0:
+                rows.append(Variant("causal", p["rank"], S, norm=p["interface_norm"],
+                                    summary=p["summary"], decoder_init=p["decoder_init"],
+                                    decoder_window=p["decoder_window"]))
     if spl:
         rows.append(Variant("spl"))
-    return rows
+    return list(dict.fromkeys(rows))
 
 
 @dataclass
@@ -126,19 +149,49 @@ class Config(RunConfig):
     canvases: tuple[str, ...] = ("shared",)  # canvas weights of the causal rows
     summaries: tuple[str, ...] = ("prefix",)  # causal summaries of the causal rows
     interface_lrs: tuple[float, ...] = (1.0,)  # interface lr factors of the causal rows
+    decoder_inits: tuple[str, ...] = ("default",)  # decoder inits of the causal rows
+    decoder_windows: tuple[int, ...] = (1,)  # decoder windows of the causal rows
+    decoders_at: tuple[str, ...] = ("first",)  # where the causal rows' decoders enter
+    encoders: tuple[str, ...] = ("mlp",)  # encoder / decoder kind of the causal rows
+    per_position: bool = False  # the lbi_fx.per_position() row at each budget
     # dense rows taken from an earlier run of the same config and seeds (name -> row):
     # dense training is deterministic per seed and thread count, so it need not rerun
     reuse_dense: dict | None = None
     # A fixed Jacobian strategy: "auto" picks per region by timing, so two runs of one seed
-    # could round differently, and 6000 steps amplify that (0.013 CE measured, #23)
+    # could round differently, and 6000 steps amplify it (0.013 CE measured, #23)
     jacobian: str = "reuse"
+    # The learning rate: "constant" (after ``warmup`` steps) or "cosine" (down to
+    # ``min_lr`` x lr at the last step). At a constant rate the last iterate is a noisy
+    # sample of the model: the score of one checkpoint moves by as much as depth buys.
+    schedule: str = "constant"
+    warmup: int = 0
+    min_lr: float = 0.1
+    # The final score on this many held-out batches (a fresh draw, the same for every row
+    # and seed) instead of the ``eval_batches`` of the curve: 4 batches are 4096 bytes.
+    final_eval_batches: int = 0
 
     @staticmethod
     def long() -> Config:
-        """Long enough that depth matters: at 6000 steps dense 6 beats dense 2 by 0.055
-        nats/byte (2 seeds, 2026-12-02), against a dense seed spread of ~0.005."""
+        """Long enough that depth matters, measured so that one row is worth reading: 6000
+        steps, a cosine learning rate (100 warm-up steps, down to lr / 10) and the final
+        score on 64 held-out batches (65,536 bytes)."""
         return Config(steps=6000, eval_every=1000, seeds=2, budgets=(64,), leaky=False,
-                      backward="autograd")
+                      backward="autograd", schedule="cosine", warmup=100,
+                      final_eval_batches=64, ranks=(16,), per_position=True)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of ``step`` (1-based)."""
+        lr = self.lr * min(1.0, step / self.warmup) if self.warmup > 0 else self.lr
+        if self.schedule == "cosine" and step > self.warmup:
+            done = (step - self.warmup) / max(1, self.steps - self.warmup)
+            lr = self.lr * (self.min_lr + (1 - self.min_lr) * 0.5 * (1 + math.cos(math.pi * done)))
+        return lr
+
+    @property
+    def protocol(self) -> dict:
+        """What makes two runs' scores comparable beyond steps and seeds."""
+        return {"schedule": self.schedule, "warmup": self.warmup, "min_lr": self.min_lr,
+                "final_eval_batches": self.final_eval_batches, "lr": self.lr}
 
     @staticmethod
     def quick() -> Config:
@@ -164,6 +217,8 @@ def build(cfg: Config, v: Variant, dense: torch.nn.Module, example: tuple):
         return lbi_fx.transform(model, regions, rank=v.rank, example_inputs=example, pool=v.pool,
                                 decoder_init=v.decoder_init, interface_norm=v.norm,
                                 canvas_weights=v.canvas, summary=v.summary,
+                                decoder_window=v.decoder_window, decoder_at=v.decoder_at,
+                                encoder=v.encoder,
                                 jacobian=cfg.jacobian, **kw)
 
 
@@ -187,7 +242,8 @@ def train_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
 
 
-def train(cfg: Config, v: Variant, model, corpus, val, progress: bool = True) -> dict:
+def train(cfg: Config, v: Variant, model, corpus, val, progress: bool = True,
+          final: list | None = None) -> dict:
     """AdamW on the shared batch sequence; evaluation and interface spectra logged."""
     from tqdm.auto import tqdm
 
@@ -209,6 +265,8 @@ def train(cfg: Config, v: Variant, model, corpus, val, progress: bool = True) ->
     for step in bar:
         if hasattr(model, "backward"):
             model.backward = "scan" if step <= cfg.timed_steps else cfg.backward
+        for group, factor in zip(opt.param_groups, (1.0, v.interface_lr)):
+            group["lr"] = cfg.lr_at(step) * factor
         x, y = corpus.get_batch("train", cfg.batch, cfg.seq, gen)
         t0 = time.perf_counter()
         loss = train_loss(model, x, y)
@@ -232,6 +290,9 @@ def train(cfg: Config, v: Variant, model, corpus, val, progress: bool = True) ->
                 point["spectra"] = model.spectra()
             curve.append(point)
             bar.set_postfix(ce=f"{ce:.3f}", leak_free=f"{free:.3f}")
+    if final:  # the row's score: a larger held-out set than the curve's
+        ce, free = evaluate(model, final)
+        curve[-1] = dict(curve[-1], ce=ce, ce_leak_free=free, final_eval_batches=len(final))
     warm = times[min(5, len(times) - 1):]  # scan steps only, after warm-up
     return {"curve": curve, "step_s": statistics.median(warm)}
 
@@ -245,10 +306,14 @@ def run_table(cfg: Config, progress: bool = True) -> tuple[list[dict], dict]:
     corpus = load_corpus(max_bytes=cfg.corpus_bytes)
     gval = torch.Generator().manual_seed(1)  # the same held-out batches for every seed
     val = [corpus.get_batch("val", cfg.batch, cfg.seq, gval) for _ in range(cfg.eval_batches)]
+    gfinal = torch.Generator().manual_seed(2)  # the final score's batches, also shared
+    final = [corpus.get_batch("val", cfg.batch, cfg.seq, gfinal)
+             for _ in range(cfg.final_eval_batches)]
     example = (torch.randint(0, 256, (2, cfg.seq), generator=torch.Generator().manual_seed(0)),)
     table = variants(cfg.budgets, cfg.seq, cfg.layers, cfg.region_size, cfg.leaky,
                      cfg.designs, cfg.spl, cfg.ranks, cfg.norms,
-                     cfg.canvases, cfg.summaries, cfg.interface_lrs)
+                     cfg.canvases, cfg.summaries, cfg.interface_lrs, cfg.decoder_inits,
+                     cfg.decoder_windows, cfg.decoders_at, cfg.encoders, cfg.per_position)
     runs: dict[Variant, list[dict]] = {v: [] for v in table}
     curves = {}
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
@@ -260,7 +325,8 @@ def run_table(cfg: Config, progress: bool = True) -> tuple[list[dict], dict]:
         for v in table:
             if v.model == "dense" and v.name in (cfg.reuse_dense or {}):
                 continue
-            res = train(run_cfg, v, build(run_cfg, v, dense, example), corpus, val, progress)
+            res = train(run_cfg, v, build(run_cfg, v, dense, example), corpus, val, progress,
+                        final)
             runs[v].append(res)
             if seed == cfg.seed:
                 curves[v.name] = res["curve"]
@@ -293,7 +359,10 @@ def run_table(cfg: Config, progress: bool = True) -> tuple[list[dict], dict]:
             "canvas_weights": v.canvas if v.model == "lbi" else None,
             "summary": v.summary if v.model == "lbi" else None,
             "interface_lr": v.interface_lr if v.model == "lbi" else None,
-            "steps": cfg.steps, "seeds": cfg.seeds, "seed": cfg.seed,
+            "decoder_window": v.decoder_window if v.model == "lbi" else None,
+            "decoder_at": v.decoder_at if v.model == "lbi" else None,
+            "encoder": v.encoder if v.model == "lbi" else None,
+            "steps": cfg.steps, "seeds": cfg.seeds, "seed": cfg.seed, **cfg.protocol,
             "step_ratio": round(step_s / base_step, 2),
             "step_ms": round(1e3 * step_s, 1),
         })
@@ -370,15 +439,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 4 layers, width 32, 30 steps, budget 16 only")
     p.add_argument("--long", action="store_true",
-                   help="where depth matters: 6000 steps, 2 seeds, budget 64, causal rows only "
-                        "(dense 6 beats dense 2 by ~0.055 there); about 25 CPU-minutes per "
-                        "seed with --ranks 4 --no-spl")
+                   help="where depth matters: 6000 steps, a cosine learning rate, the score "
+                        "on 64 held-out batches, 2 seeds, budget 64, causal rows only: the "
+                        "default 16 x 4 segments and lbi_fx.per_position() (dense 6 beats "
+                        "dense 2 by ~0.075 there); about 30 CPU-minutes per seed with "
+                        "--no-spl --no-designs")
     p.add_argument("--seeds", type=int, help="seeds per row (default 1; --long 2)")
     p.add_argument("--seed", type=int, help="first seed (default 0): runs seeds seed .. seed+seeds-1")
-    p.add_argument("--ranks", help="per-row ranks of the causal rows, comma-separated (default 4,16)")
+    p.add_argument("--ranks", help="per-row ranks of the causal rows, comma-separated "
+                   "(default 4,16; none: no rows of the rank grid)")
     p.add_argument("--no-leaky", action="store_true", help="leave out the mean / last rows")
     p.add_argument("--no-designs", action="store_true", help="leave out the zero-decoder rows")
     p.add_argument("--no-spl", action="store_true", help="leave out the SPL row")
+    p.add_argument("--per-position", action=argparse.BooleanOptionalAction, default=None,
+                   help="add the lbi_fx.per_position() row at each budget (default: only "
+                        "with --long)")
     p.add_argument("--norms", help="interface norms of the causal rows, comma-separated "
                                    "(layer, rms, none; default layer)")
     p.add_argument("--canvas-weights", default=None,
@@ -387,13 +462,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--summaries", default=None,
                    help="causal summaries of the causal rows, comma-separated: prefix (default), "
                         "latest (also the last position before the row), recent (also the "
-                        "whole segment before it, position by position)")
+                        "whole segment before it, position by position), inclusive (up to "
+                        "and including the segment's first position, and that position)")
     p.add_argument("--interface-lrs", default=None,
                    help="learning-rate factors of the interface modules for the causal rows, "
                         "comma-separated (default 1)")
     p.add_argument("--reuse-dense", metavar="JSON",
                    help="take the dense rows from an earlier --json run of the same config "
                         "and seeds (dense training is deterministic per seed and thread count)")
+    p.add_argument("--decoder-inits", default=None,
+                   help="decoder inits of the causal rows, comma-separated (default, zero; "
+                        "default: default)")
+    p.add_argument("--decoder-windows", default=None,
+                   help="decoder windows of the causal rows, comma-separated ints (rows each "
+                        "decoder reads; default 1)")
+    p.add_argument("--decoders-at", default=None,
+                   help="where the causal rows' decoders enter each region, comma-separated: "
+                        "first (default; the region's start), every (before every block)")
+    p.add_argument("--encoders", default=None,
+                   help="encoder / decoder kind of the causal rows, comma-separated: mlp "
+                        "(default), linear")
+    p.add_argument("--schedule", choices=["constant", "cosine"], default=None,
+                   help="learning rate: constant, or cosine down to lr / 10 (default constant; "
+                        "--long cosine)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="linear warm-up steps of the learning rate (default 0; --long 100)")
+    p.add_argument("--final-eval-batches", type=int, default=None,
+                   help="score each row on this many held-out batches at the end (default: the "
+                        "curve's batches; --long 64)")
     p.add_argument("--eval-every", type=int, help="steps between held-out evaluations")
     p.add_argument("--steps", type=int, help="training steps per model (default 600)")
     p.add_argument("--budgets", help="scalar budgets per sample, comma-separated (default 16,64)")
@@ -415,27 +511,37 @@ def run(args: argparse.Namespace) -> int:
     if args.quick and args.long:
         raise lbi_fx.InputError("--quick and --long: choose one")
     cfg = Config.quick() if args.quick else Config.long() if args.long else Config()
-    for key in ("steps", "layers", "width", "seq", "batch", "seeds", "eval_every"):
+    for key in ("steps", "layers", "width", "seq", "batch", "seeds", "eval_every",
+                "final_eval_batches"):
         if getattr(args, key) is not None:
-            if getattr(args, key) < 1:
+            least = 0 if key == "final_eval_batches" else 1  # 0: score on the curve's batches
+            if getattr(args, key) < least:
                 raise lbi_fx.InputError(f"--{key.replace('_', '-')} {getattr(args, key)}: "
-                                        "a positive integer")
+                                        f"an integer >= {least}")
             setattr(cfg, key, getattr(args, key))
     cfg.leaky = cfg.leaky and not args.no_leaky
     cfg.designs = cfg.designs and not args.no_designs
     cfg.spl = cfg.spl and not args.no_spl
+    if args.per_position is not None:
+        cfg.per_position = args.per_position
     if args.seed is not None:
         cfg.seed = args.seed
-    for key in ("budgets", "ranks"):
+    if args.ranks == "none":  # no causal rows of the rank grid (dense, SPL, per-position)
+        cfg.ranks, args.ranks = (), None
+    for key in ("budgets", "ranks", "decoder_windows"):
         text = getattr(args, key)
         if text:
             try:
                 setattr(cfg, key, tuple(int(b) for b in text.split(",")))
             except ValueError:
-                raise lbi_fx.InputError(f"--{key} {text!r}: comma-separated ints") from None
+                flag = key.replace("_", "-")
+                raise lbi_fx.InputError(f"--{flag} {text!r}: comma-separated ints") from None
     for flag, field, allowed in (("norms", "norms", lbi_fx.interfaces.NORMS),
                                  ("canvas-weights", "canvases", ("shared", "per_region")),
-                                 ("summaries", "summaries", lbi_fx.interfaces.SUMMARIES)):
+                                 ("summaries", "summaries", lbi_fx.interfaces.SUMMARIES),
+                                 ("decoder-inits", "decoder_inits", lbi_fx.interfaces.DECODER_INITS),
+                                 ("decoders-at", "decoders_at", ("first", "every")),
+                                 ("encoders", "encoders", ("mlp", "linear"))):
         text = getattr(args, flag.replace("-", "_"))
         if text:
             setattr(cfg, field, _choices(flag, text, allowed))
@@ -450,6 +556,12 @@ def run(args: argparse.Namespace) -> int:
         cfg.interface_lrs = lrs
     if args.reuse_dense:
         cfg.reuse_dense = reuse_rows(args.reuse_dense, cfg)
+    if args.schedule is not None:
+        cfg.schedule = args.schedule
+    if args.warmup is not None:
+        if args.warmup < 0:
+            raise lbi_fx.InputError(f"--warmup {args.warmup}: a number of steps >= 0")
+        cfg.warmup = args.warmup
     cfg.eval_every = min(cfg.eval_every, cfg.steps)
     cfg.backward = args.backward or cfg.backward
     cfg.timed_steps = max(1, min(args.timed_steps, cfg.steps))
@@ -467,7 +579,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"lbi-fx quality: GPT {cfg.layers} layers, width {cfg.width}, regions of "
               f"{cfg.region_size}, batch {cfg.batch} x {cfg.seq} bytes, {cfg.steps} steps x "
-              f"{cfg.seeds} seed(s) "
+              f"{cfg.seeds} seed(s), {_protocol_text(cfg)} "
               f"({_backward_text(cfg)}), "
               f"{len(rows)} models in {time.perf_counter() - t0:.0f}s")
         print(format_table(rows))
@@ -494,13 +606,28 @@ def reuse_rows(path: str, cfg: Config) -> dict:
     dense = {r["name"]: r for r in rows if isinstance(r, dict) and r.get("model") == "dense"}
     if not dense:
         raise lbi_fx.InputError(f"--reuse-dense {path}: no dense rows in it")
+    # a table from before the protocol fields was trained at a constant rate and scored
+    # on the curve's batches
+    before = {"schedule": "constant", "warmup": 0, "min_lr": 0.1, "final_eval_batches": 0}
     for r in dense.values():
-        for key, want in (("steps", cfg.steps), ("seeds", cfg.seeds), ("seed", cfg.seed)):
-            if key in r and r[key] != want:
+        for key, want in (("steps", cfg.steps), ("seeds", cfg.seeds), ("seed", cfg.seed),
+                          *cfg.protocol.items()):
+            if r.get(key, before.get(key, want)) != want:
                 raise lbi_fx.InputError(
-                    f"--reuse-dense {path}: row {r['name']!r} has {key} {r[key]}, this run "
+                    f"--reuse-dense {path}: row {r['name']!r} has {key} "
+                    f"{r.get(key, before.get(key))}, this run "
                     f"{want}; rerun the dense rows or pass a table of the same config")
     return dense
+
+
+def _protocol_text(cfg: Config) -> str:
+    """The learning rate and the scoring set, for the header."""
+    rate = (f"lr {cfg.lr:g} cosine to {cfg.min_lr:g}x" if cfg.schedule == "cosine"
+            else f"lr {cfg.lr:g} constant")
+    if cfg.warmup:
+        rate += f" after {cfg.warmup} warm-up steps"
+    batches = cfg.final_eval_batches or cfg.eval_batches
+    return f"{rate}, scored on {batches} held-out batches"
 
 
 def _backward_text(cfg: Config) -> str:

@@ -175,7 +175,8 @@ class ChainRunner:
 
         enc = getattr(getattr(self, "lbi", None), f"enc_{k}", None)
         if not (k < self.num_regions - 1 and isinstance(enc, InterfaceEncoder)
-                and enc.segments is not None and enc.residual):
+                and enc.segments is not None and enc.residual
+                and getattr(enc, "summary", "prefix") != "inclusive"):
             return {}
 
         def head_rows(m: torch.Tensor) -> torch.Tensor:
