@@ -69,11 +69,6 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def short(name: str) -> str:
-    """'causal rank 1 x 64 segments = 64 scalars, zero decoders' -> '1 x 64 = 64, zero decoders'."""
-    return name.replace("causal rank ", "").replace(" segments = ", " = ").replace(" scalars", "")
-
-
 def plot(rows: list[dict], path: str) -> None:
     import matplotlib
 
@@ -81,15 +76,18 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     lbi = [r for r in rows if r["model"] != "dense"][::-1]
-    fig, ax = plt.subplots(figsize=(12, 0.42 * len(lbi) + 1.5))
+    fig, ax = plt.subplots(figsize=(9, 0.42 * len(lbi) + 1.5))
     for i, r in enumerate(lbi):
         ax.barh(i, r["recovery_mean"], color="tab:blue" if r["scalars"] == 64 else "tab:gray",
                 alpha=0.5)
         ax.plot(r["recovery"], [i] * len(r["recovery"]), "k.", ms=6)
-    ax.set_yticks(range(len(lbi)), [f"{short(r['name'])} ({len(r['seeds'])})" for r in lbi],
-                  fontsize=7)
-    for x, label in ((0, "one region alone"), (1, "dense, full depth")):
-        ax.axvline(x, color="black", lw=1)
+    ax.set_yticks(range(len(lbi)), [f"{r['design']} ({len(r['seeds'])} seeds)" for r in lbi],
+                  fontsize=8)
+    refs = [(0, "one region alone"), (1, "dense, full depth")]
+    refs += [(r["recovery_mean"], f"dense, {r['layers']} layers") for r in rows
+             if r["model"] == "dense" and 0 < r["recovery_mean"] < 1]
+    for x, label in refs:
+        ax.axvline(x, color="black", lw=1, ls="-" if x in (0, 1) else ":")
         ax.text(x, len(lbi) - 0.4, label, fontsize=7, ha="center")
     ax.axvline(0.5, color="tab:red", ls="--", lw=1)
     ax.set_xlabel("depth recovery (0: one region alone, 1: dense at full depth); "
