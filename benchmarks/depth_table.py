@@ -78,8 +78,9 @@ def plot(rows: list[dict], path: str) -> None:
     lbi = [r for r in rows if r["model"] != "dense"][::-1]
     fig, ax = plt.subplots(figsize=(9, 0.42 * len(lbi) + 1.5))
     for i, r in enumerate(lbi):
-        ax.barh(i, r["recovery_mean"], color="tab:blue" if r["scalars"] == 64 else "tab:gray",
-                alpha=0.5)
+        color = ("tab:orange" if r["model"] == "spl" else
+                 "tab:blue" if (r["scalars"] or 0) <= 64 else "tab:gray")
+        ax.barh(i, r["recovery_mean"], color=color, alpha=0.5)
         ax.plot(r["recovery"], [i] * len(r["recovery"]), "k.", ms=6)
     ax.set_yticks(range(len(lbi)), [f"{r['design']} ({len(r['seeds'])} seeds)" for r in lbi],
                   fontsize=8)
@@ -91,7 +92,8 @@ def plot(rows: list[dict], path: str) -> None:
         ax.text(x, len(lbi) - 0.4, label, fontsize=7, ha="center")
     ax.axvline(0.5, color="tab:red", ls="--", lw=1)
     ax.set_xlabel("depth recovery (0: one region alone, 1: dense at full depth); "
-                  "dots: seeds, bars: mean; grey: over 64 scalars")
+                  "dots: seeds, bars: mean;\nblue: LBI at <= 64 scalars, grey: more, "
+                  "orange: SPL (whole hidden state, detached)")
     ax.set_title("Depth kept by each interface design (GPT 6 x 64, regions of 2, 6000 steps)",
                  fontsize=10)
     fig.tight_layout()
