@@ -15,6 +15,7 @@ layout is therefore recorded beside the weights and compared before they are use
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Any
 
@@ -61,7 +62,8 @@ def interface_layout(container: nn.Module) -> dict[str, Any]:
             "encoder": one(kinds), "ranks": ranks, "summary": one(summaries) or "prefix",
             "decoder_window": one(windows) or 1,
             # passes/decode_at_blocks.py names its decoders dec_{k}_b{j}
-            "decoder_at": "every" if any("_b" in n for n, _ in container.named_children()) else "first",
+            "decoder_at": "every" if any(re.fullmatch(r"dec_\d+_b\d+", n)
+                                         for n, _ in container.named_children()) else "first",
             # set by passes/per_region_canvas.py: per-region copies of the canvas weights
             "canvas_weights": getattr(container, "canvas_weights", "shared")}
 

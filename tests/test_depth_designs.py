@@ -547,3 +547,21 @@ def test_the_earlier_long_protocol_can_be_asked_for(monkeypatch):
     assert cfg.protocol == Config().protocol and cfg.steps == 6000 and cfg.eval_batches == 4
     with pytest.raises(lbi_fx.InputError, match="--final-eval-batches -1"):
         _parsed(monkeypatch, ["--quick", "--final-eval-batches", "-1"])
+
+
+def test_reused_dense_rows_are_checked_against_the_protocol_the_flags_ask_for(tmp_path,
+                                                                               monkeypatch):
+    """--schedule / --warmup apply before --reuse-dense checks its rows: an old constant-rate
+    table is accepted for the old protocol asked by flags, refused for today's --long."""
+    import json
+
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps([{"model": "dense", "name": "dense", "steps": 6000, "seeds": 1,
+                                "seed": 0, "ce_leak_free": 1.5}]))
+    cfg = _parsed(monkeypatch, ["--long", "--seeds", "1", "--schedule", "constant", "--warmup",
+                                "0", "--final-eval-batches", "0", "--reuse-dense", str(old),
+                                "--json"])
+    assert set(cfg.reuse_dense) == {"dense"}
+    with pytest.raises(lbi_fx.InputError, match="has warmup 0, this run 100"):
+        _parsed(monkeypatch, ["--long", "--seeds", "1", "--schedule", "constant",
+                              "--final-eval-batches", "0", "--reuse-dense", str(old)])

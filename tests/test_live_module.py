@@ -288,3 +288,39 @@ def test_parameter_hooks_run_once_as_under_autograd():
         grads[mode] = _grads(lbi, (idx,), mode)["layers.0.mlp.c_fc.weight"]
         assert calls == ["hook", "post"], (mode, calls)
     torch.testing.assert_close(grads["scan"], grads["autograd"], rtol=1e-10, atol=0)
+
+
+# -- the depth designs (#23) follow the same changes ----------------------------------
+@pytest.mark.parametrize("design", [
+    lbi_fx.per_position(),
+    {"pool": "causal", "rank": 4, "segment_len": 2, "summary": "inclusive",
+     "decoder_window": 2, "decoder_at": "every"},
+], ids=["per_position", "inclusive_window_every_block"])
+def test_depth_designs_stay_exact_through_what_users_do_between_steps(design):
+    """Dropout train/eval, freezing and unfreezing, load_state_dict(assign=True) and
+    .to(float32) on the interfaces that per_position() and decoder_at="every" add."""
+    model, idx = _gpt(dropout=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lbi = lbi_fx.transform(model, lbi_fx.every(2, "layers"), example_inputs=(idx,), **design)
+    with torch.no_grad():  # non-zero decoders: the interface carries something
+        for n, p in lbi.named_parameters():
+            if n.startswith("lbi.dec_"):
+                p.add_(0.05 * torch.randn_like(p))
+    assert_exact(lbi.train(), (idx,))
+    assert_exact(lbi.eval(), (idx,))
+    lbi.train()
+    for p in lbi.get_submodule("layers.1").parameters():
+        p.requires_grad_(False)
+    ref = assert_exact(lbi, (idx,))
+    assert all(ref[n] is None for n in ref if n.startswith("layers.1."))
+    for p in lbi.parameters():
+        p.requires_grad_(True)
+    gen = torch.Generator().manual_seed(3)
+    sd = {k: v + 0.05 * torch.randn(v.shape, generator=gen, dtype=v.dtype)
+          if isinstance(v, torch.Tensor) and v.dtype.is_floating_point else copy.deepcopy(v)
+          for k, v in lbi.state_dict().items()}
+    lbi.load_state_dict(sd, assign=True)
+    ref = assert_exact(lbi, (idx,))
+    assert all(ref[n] is not None for n in ref if n.startswith(("layers.", "lbi.dec_")))
+    assert_exact(lbi.to(torch.float32), (idx,), torch.float32)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 import lbi_fx
 from lbi_fx.models.training import RunConfig
+from lbi_fx.passes.decode_at_blocks import DECODER_AT
 from lbi_fx.report import describe_width
 from lbi_fx.testing import prefix_loss
 
@@ -527,10 +528,10 @@ def run(args: argparse.Namespace) -> int:
     if args.seed is not None:
         cfg.seed = args.seed
     if args.ranks == "none":  # no causal rows of the rank grid (dense, SPL, per-position)
-        cfg.ranks, args.ranks = (), None
+        cfg.ranks = ()
     for key in ("budgets", "ranks", "decoder_windows"):
         text = getattr(args, key)
-        if text:
+        if text and not (key == "ranks" and text == "none"):
             try:
                 setattr(cfg, key, tuple(int(b) for b in text.split(",")))
             except ValueError:
@@ -540,7 +541,7 @@ def run(args: argparse.Namespace) -> int:
                                  ("canvas-weights", "canvases", ("shared", "per_region")),
                                  ("summaries", "summaries", lbi_fx.interfaces.SUMMARIES),
                                  ("decoder-inits", "decoder_inits", lbi_fx.interfaces.DECODER_INITS),
-                                 ("decoders-at", "decoders_at", ("first", "every")),
+                                 ("decoders-at", "decoders_at", DECODER_AT),
                                  ("encoders", "encoders", ("mlp", "linear"))):
         text = getattr(args, flag.replace("-", "_"))
         if text:
@@ -554,14 +555,14 @@ def run(args: argparse.Namespace) -> int:
             raise lbi_fx.InputError(f"--interface-lrs {args.interface_lrs!r}: comma-separated "
                                     "positive numbers")
         cfg.interface_lrs = lrs
-    if args.reuse_dense:
-        cfg.reuse_dense = reuse_rows(args.reuse_dense, cfg)
     if args.schedule is not None:
         cfg.schedule = args.schedule
     if args.warmup is not None:
         if args.warmup < 0:
             raise lbi_fx.InputError(f"--warmup {args.warmup}: a number of steps >= 0")
         cfg.warmup = args.warmup
+    if args.reuse_dense:  # after every flag of the protocol: the rows must match it
+        cfg.reuse_dense = reuse_rows(args.reuse_dense, cfg)
     cfg.eval_every = min(cfg.eval_every, cfg.steps)
     cfg.backward = args.backward or cfg.backward
     cfg.timed_steps = max(1, min(args.timed_steps, cfg.steps))
