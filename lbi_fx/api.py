@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from lbi_fx.analysis import analyze, normalize_rank, separator_report
@@ -19,7 +21,7 @@ from lbi_fx.interfaces import (
     check_window,
     rank_problem,
 )
-from lbi_fx.passes.shape_prop import output_tensor
+from lbi_fx.passes.shape_prop import on_meta, output_tensor
 from lbi_fx.regions import RegionSpec
 from lbi_fx.report import SeparatorReport
 
@@ -123,10 +125,9 @@ def transform(
     from lbi_fx.module import LBIModule
     from lbi_fx.passes.check_batch_mixing import check_batch_mixing
     from lbi_fx.passes.check_state import check_state_writes
-    from lbi_fx.passes.decode_at_blocks import DECODER_AT, decode_at_blocks
-    from lbi_fx.passes.insert_interfaces import insert_interfaces
+    from lbi_fx.passes.decode_at_blocks import DECODER_AT
     from lbi_fx.passes.mark_dynamic import mark_dynamic
-    from lbi_fx.passes.per_region_canvas import CANVAS_WEIGHTS, per_region_canvas
+    from lbi_fx.passes.per_region_canvas import CANVAS_WEIGHTS
     from lbi_fx.passes.seq_axes import mark_seq_axes
     from lbi_fx.passes.shape_prop import propagate_shapes
     from lbi_fx.passes.split_places import split_places
@@ -175,14 +176,12 @@ def transform(
                 f"({b.min_cut_scalars} scalars per sample): the interface compresses nothing",
                 stacklevel=2)
     info = getattr(a.gm.graph._codegen, "pytree_info", None)
-    plan = insert_interfaces(a.gm, K, ranks, encoder=encoder, pool=layout.pool, canvas=canvas,
-                             decoder_init=decoder_init, norm=interface_norm,
-                             segments=layout.segments,
-                             summary=summary, decoder_window=decoder_window)
-    if decoder_at == "every":
-        decode_at_blocks(a.gm, a.regions, plan.m_nodes, zero_init=decoder_init == "zero")
-    if canvas_weights == "per_region":
-        per_region_canvas(a.gm, K)
+    meta = on_meta(a.gm)  # built on the meta device: interfaces too, and no value probes
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        plan, origin = _rewrite(a, K, ranks, layout, encoder=encoder, canvas=canvas,
+                                decoder_init=decoder_init, interface_norm=interface_norm,
+                                summary=summary, decoder_window=decoder_window,
+                                decoder_at=decoder_at, canvas_weights=canvas_weights)
     propagate_shapes(a.gm, a.example_inputs)
     mark_dynamic(a.gm)
     report = separator_report(a.gm, a.regions, a.batch, rank=widths)
@@ -196,15 +195,44 @@ def transform(
                     capture=a.gm.meta.get("lbi_capture", ""))
     lbi.canvas = plan.canvas
     lbi.canvas_weights = canvas_weights
+    lbi.canvas_origin = origin
+    lbi.init_seed = 0  # seeds lbi-fx's interface modules where they are built from meta
     lbi.pool = layout.pool
     lbi.rank_per_row = list(ranks)
     lbi.segments = layout.segments
     lbi.model_causal = layout.model_causal
+    lbi.unprobed = list(VALUE_PROBES) if meta else []
+    if meta:
+        return lbi
     probe_batch_mixing(lbi, a.example_inputs)
     if layout.pool == "causal":
         _check_built_causal(lbi, a, layout)
     trial_backward(lbi, a.example_inputs)
     return lbi
+
+
+# what transform checks by running the model: skipped for a model on the meta device
+VALUE_PROBES = ("batch mixing (numeric probe)", "causality of the built model (numeric probe)",
+                "one trial backward")
+
+
+def _rewrite(a, K, ranks, layout, *, encoder, canvas, decoder_init, interface_norm, summary,
+             decoder_window, decoder_at, canvas_weights):
+    """The passes that add modules: interfaces, decoders at every block, canvas copies.
+    Returns the interface plan and, per canvas copy's module path, the module it copies."""
+    from lbi_fx.passes.decode_at_blocks import decode_at_blocks
+    from lbi_fx.passes.insert_interfaces import insert_interfaces
+    from lbi_fx.passes.per_region_canvas import ORIGIN_KEY, per_region_canvas
+
+    plan = insert_interfaces(a.gm, K, ranks, encoder=encoder, pool=layout.pool, canvas=canvas,
+                             decoder_init=decoder_init, norm=interface_norm,
+                             segments=layout.segments,
+                             summary=summary, decoder_window=decoder_window)
+    if decoder_at == "every":
+        decode_at_blocks(a.gm, a.regions, plan.m_nodes, zero_init=decoder_init == "zero")
+    if canvas_weights == "per_region":
+        per_region_canvas(a.gm, K)
+    return plan, dict(a.gm.meta.get(ORIGIN_KEY, {}))
 
 
 def _check_float(a) -> None:
@@ -247,7 +275,10 @@ def choose_pool(a, pool: str, *, segment_len: int | None = None, max_len: int | 
     if pool in ("mean", "last") and (segment_len is not None or max_len is not None):
         raise InputError(f"segment_len= and max_len= shape causal interfaces; pool={pool!r} "
                          "takes neither")
-    causal, leak, why = probe_causal(a.gm, a.example_inputs, **graph_axes(a.gm))
+    if on_meta(a.gm):
+        causal, leak, why = None, None, "the model is on the meta device: no values to probe"
+    else:
+        causal, leak, why = probe_causal(a.gm, a.example_inputs, **graph_axes(a.gm))
     canvas_node = find_canvas(a.gm, canvas)
     crossings = crossing_sets(a.gm, a.num_regions)
     problem = causal_layout_problem(canvas_node, crossings)

@@ -59,6 +59,12 @@ def rank_problem(rank: int, norm: str = "layer") -> str:
             f"per row carry {what}; use rank >= {MIN_RANK}, or interface_norm='rms' / 'none'")
 
 
+def _reset_children(mod: nn.Module) -> None:
+    for m in mod.modules():
+        if m is not mod and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+
+
 def make_norm(norm: str, rank: int) -> nn.Module:
     if norm == "layer":
         return nn.LayerNorm(rank)
@@ -236,6 +242,16 @@ class InterfaceEncoder(nn.Module):
         self.norm_kind = norm
         self.norm = make_norm(norm, rank)
 
+    # initialised as one unit (ownership.init_weights): the whole subtree from one seed
+    resets_subtree = True
+
+    def reset_parameters(self) -> None:
+        """The values ``__init__`` gives (for a module built on the meta device)."""
+        _reset_children(self)
+        if self.alpha is not None:
+            with torch.no_grad():
+                self.alpha.fill_(0.5)
+
     @property
     def rows(self) -> int:
         return self.segments.count if self.segments is not None else 1
@@ -327,10 +343,21 @@ class InterfaceDecoder(nn.Module):
         self.use_canvas = use_canvas
         self.segments = segments
         self.net = _mlp(rank * window, hidden, out_features, kind)
-        if zero_init:  # Dec_k(m) = 0 at init: each region starts as its dense self on the canvas
+        self.zero_init = zero_init
+        self._zero_last()
+
+    resets_subtree = True  # see InterfaceEncoder
+
+    def _zero_last(self) -> None:
+        if self.zero_init:  # Dec_k(m) = 0 at init: each region starts as its dense self on the canvas
             last = self.net if isinstance(self.net, nn.Linear) else self.net[-1]
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
+
+    def reset_parameters(self) -> None:
+        """The values ``__init__`` gives (for a module built on the meta device)."""
+        _reset_children(self)
+        self._zero_last()
 
     def forward(self, m: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
         shape = [canvas.shape[v] if how == "canvas" else v for how, v in self.shape]

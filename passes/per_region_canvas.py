@@ -35,6 +35,7 @@ from .partition import PLACE_KEY, PROLOGUE, place_of
 CANVAS_WEIGHTS = ("shared", "per_region")
 HOLDER = "lbi_canvas"  # gm.lbi_canvas: ModuleDict region_{k} / epilogue -> copies
 COPY_KEY = "lbi_canvas_copy"  # node meta: the region whose copy this prologue node is
+ORIGIN_KEY = "lbi_canvas_origin"  # gm meta: copy module path -> the module path it copies
 
 
 def _attr(root: nn.Module, target: str):
@@ -158,6 +159,7 @@ class _Copies:
             name = _fresh(self.holder, path)
             self.holder.add_module(name, _module_copy(mod, self.clones))
             self.modules[path] = f"{HOLDER}.{self.key}.{name}"
+            self.gm.meta.setdefault(ORIGIN_KEY, {})[self.modules[path]] = path
         return self.modules[path]
 
     def attr(self, node: fx.Node) -> fx.Node:

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .shape_prop import SHAPE_KEY, check_example_inputs
+from .shape_prop import SHAPE_KEY, check_example_inputs, shapes_only
 
 SEQ_KEY = "lbi_seq_axes"
 SEQ_INPUTS_KEY = "lbi_seq_inputs"  # gm.meta: per tensor input leaf, does it carry the sequence
@@ -59,7 +59,7 @@ class _Shapes(fx.Interpreter):
 def _run_shapes(gm: fx.GraphModule, args: list) -> dict:
     saved = {k: b.detach().clone() for k, b in gm.named_buffers()}
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), shapes_only(gm, args) as args:
             interp = _Shapes(gm)
             interp.run(*args)
             return interp.shapes

@@ -8,6 +8,7 @@ values (sizes, ints) count 0.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -96,6 +97,47 @@ def batch_size_of(example_inputs: Sequence[object]) -> int:
     raise InputError("example_inputs holds no tensor")
 
 
+def on_meta(module: torch.nn.Module) -> bool:
+    """Whether some parameter or buffer of ``module`` is on the meta device (a model built
+    under ``torch.device("meta")``: shapes without storage)."""
+    return any(t.device.type == "meta" for t in (*module.parameters(), *module.buffers()))
+
+
+@contextlib.contextmanager
+def shapes_only(gm: torch.nn.Module, args: list):
+    """Run shape probes of a model whose tensors are on the meta device: inside, its meta
+    parameters and buffers are fake tensors on the inputs' device (``FakeTensorMode``: no
+    storage, so a model too large to hold is never materialised) and ``args`` come back
+    fake. Any other model runs as it is."""
+    if not on_meta(gm):
+        yield args
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    leaves = [x for x in tree_leaves(args) if isinstance(x, torch.Tensor)]
+    device = next((x.device for x in leaves if x.device.type != "meta"), torch.device("cpu"))
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    slots = []  # (module, dict, attr, original)
+    fakes: dict[int, torch.Tensor] = {}
+    for mod in gm.modules():
+        for store in (mod._parameters, mod._buffers):
+            for attr, t in store.items():
+                if t is None or t.device.type != "meta":
+                    continue
+                if id(t) not in fakes:
+                    with mode:
+                        fakes[id(t)] = torch.empty(t.shape, dtype=t.dtype, device=device)
+                slots.append((store, attr, t))
+                store[attr] = fakes[id(t)]
+    try:
+        fake_args = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in args]
+        with mode:
+            yield fake_args
+    finally:
+        for store, attr, t in slots:
+            store[attr] = t
+
+
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[object]) -> object:
     """Record ``meta[SHAPE_KEY]`` on every node; returns the model's output."""
     example_inputs = check_example_inputs(example_inputs)
@@ -112,7 +154,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[object]) -> ob
     # the RNG stream as they were.
     saved = {k: b.detach().clone() for k, b in gm.named_buffers()}
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), shapes_only(gm, args) as args:
             out = _Recorder(gm).run(*args)
     finally:
         with torch.no_grad():

@@ -160,13 +160,18 @@ def _resume_refuse_reshape(rank: int, world: int, out: Path) -> None:
 
     msgs = {}
     for name, make in (("K", lambda: _run(_pristine(out, K + 1), mesh=mesh)),  # another model
-                       ("placement", lambda: _run(_pristine(out))),  # 4 region ranks, no dp
                        ("missing", lambda: (rp, opt))):
         path = out / ("no_such_checkpoint" if name == "missing" else "ckpt")
         with pytest.raises(CheckpointError) as e:
             checkpoint.load(path, *make())
         msgs[name] = str(e.value)
     torch.save(msgs, out / f"refusals{rank}.pt")
+
+    # the 2 x 2 checkpoint (2 region ranks) onto 4 region ranks, no dp: another placement
+    rp4, opt4 = _run(_pristine(out))
+    checkpoint.load(out / "ckpt", rp4, opt4)
+    torch.save({"params": _owned_params(rp4), "optim": _optim_by_name(rp4, opt4),
+                "held": sorted(rp4.held)}, out / f"moved{rank}.pt")
 
     pair = dist.new_group([0, 1])
     if rank < 2:
@@ -237,8 +242,30 @@ def test_mismatched_checkpoint_is_refused_by_name(runs):
         msgs = torch.load(runs / f"refusals{rank}.pt")
         assert "K: checkpoint has 4, this model 5" in msgs["K"], msgs["K"]
         assert "lbi_meta.json is missing" in msgs["missing"], msgs["missing"]
-        assert ("placement: checkpoint placed regions [[0, 1], [2, 3]] over 2 region ranks, "
-                "this run [[0], [1], [2], [3]]") in msgs["placement"], msgs["placement"]
+
+
+def test_load_at_another_number_of_region_ranks_is_bitwise(runs):
+    """Saved over 2 region ranks (x 2 dp), loaded over 4: every rank holds only its own
+    regions, each parameter and Adam state bitwise what dp replica 0 saved."""
+    saved = {"params": {}, "optim": {}}
+    for j in range(2):  # dp replica 0 of the 2 x 2 mesh: global ranks 0 and 1
+        b = torch.load(runs / f"B{j}.pt")
+        saved["params"].update(b["params"])
+        saved["optim"].update(b["optim"])
+    seen = set()
+    for rank in range(4):
+        got = torch.load(runs / f"moved{rank}.pt")
+        assert got["params"], rank
+        for n, t in got["params"].items():
+            assert torch.equal(t, saved["params"][n]), (rank, n)
+            seen.add(n)
+        for n, st in got["optim"].items():
+            for k, v in st.items():
+                assert torch.equal(v, saved["optim"][n][k]), (rank, n, k)
+        # region k's blocks live on rank k alone
+        blocks = {int(n.split(".")[1]) for n in got["held"] if n.startswith("layers.")}
+        assert blocks == {rank}, (rank, blocks)
+    assert seen == set(saved["params"])
 
 
 def test_other_model_same_k_is_refused_naming_the_tensor(runs):

@@ -47,16 +47,21 @@ def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got - ref).norm()) / n if n > 0 else float(got.norm())
 
 
-def _run(runner, model, idx, target) -> dict:
-    """Two steps without zero_grad against single-process autograd on the full batch."""
+def _run(runner, model, idx, target, ref_model) -> dict:
+    """Two steps without zero_grad against single-process autograd on the full batch
+    (``ref_model``: an equal copy; the runner's rank holds only its stage of ``model``)."""
     names = {id(p): n for n, p in model.named_parameters()}
     params = list(dict.fromkeys(model.parameters()))
-    ref_loss = loss_fn(model(idx), target)
-    ref = torch.autograd.grad(ref_loss, params)
+    ref_named = dict(ref_model.named_parameters())
+    ref_loss = loss_fn(ref_model(idx), target)
+    ref = torch.autograd.grad(ref_loss, [ref_named[names[id(p)]] for p in params])
     ref_loss = float(ref_loss.detach())
     res: dict = {"stage": sorted(names[id(p)] for p in runner.params),
                  "shared": sorted(names[id(p)] for p in runner.shared),
-                 "shared_numel": sum(p.numel() for p in runner.shared)}
+                 "shared_numel": sum(p.numel() for p in runner.shared),
+                "held": sorted(runner.held),
+                "held_fraction": runner.held_bytes() / sum(
+                    p.numel() * p.element_size() for p in ref_model.parameters())}
     for s in (1, 2):
         n0 = len(runner.comm.records)
         loss = runner.step(idx, target)
@@ -85,14 +90,15 @@ def _worker(rank: int, out: str) -> None:
         model, idx, target = _model(n_layer)
         runner = PipelineRunner(model, regions, schedule=sched, microbatches=m,
                                 loss_fn=loss_fn)
-        result[f"{sched}/{m}/{len(regions)}"] = _run(runner, model, idx, target)
+        result[f"{sched}/{m}/{len(regions)}"] = _run(runner, model, idx, target,
+                                                     _model(n_layer)[0])
     # a one-rank group per rank: one stage that is first and last, no communication
     solo = [dist.new_group([r]) for r in range(WORLD)]
     for sched in ("gpipe", "1f1b"):
         model, idx, target = _model(4)
         runner = PipelineRunner(model, [[0, 1], [2, 3]], solo[rank], schedule=sched,
                                 microbatches=2, loss_fn=loss_fn)
-        result[f"solo/{sched}"] = _run(runner, model, idx, target)
+        result[f"solo/{sched}"] = _run(runner, model, idx, target, _model(4)[0])
     errors = {}
     model, idx, target = _model(4)
     for name, kw in (("1f1b_few", dict(schedule="1f1b", microbatches=1)),
@@ -127,6 +133,12 @@ def test_gradients_and_loss_match_single_process_autograd(ranks, sched, m, n_lay
             # gradients exactly where this rank's stage computes (plus the shared sum)
             assert r[f"have{s}"] == sorted(set(r["stage"]) | set(r["shared"]))
         assert r["shared"] == ["wte.weight"]  # the tied head, on the first and last stage
+        # each rank holds its stage alone (the rest of the model is on the meta device)
+        assert set(r["stage"]) <= set(r["held"])
+        blocks = {int(n.split(".")[1]) for n in r["held"] if n.startswith("layers.")}
+        stage_blocks = {int(n.split(".")[1]) for n in r["stage"] if n.startswith("layers.")}
+        assert blocks == stage_blocks, (rank, blocks, stage_blocks)
+        assert r["held_fraction"] <= 0.75, (rank, r["held_fraction"])
         assert r["timings"]["step"] > 0
         assert r["send_restored"]
 

@@ -64,31 +64,18 @@ def _group(rp):
     return getattr(rp, "region_group", None) or rp.comm.group
 
 
-def _buffer_users(rp) -> dict[str, set[int]]:
-    """Region ranks that run a program reading each buffer (by identity, like ``rp.users``)."""
-    c, last = rp.lbi.programs, len(rp.place) - 1
-    progs = [(c["prologue"], range(len(rp.place))), (c["epilogue"], [last])]
-    progs += [(g, [rp.owner[k]]) for k, g in enumerate(c["regions"])]
-    by_id: dict[int, set[int]] = {}
-    for gm, ranks in progs:
-        for b in gm.buffers():
-            by_id.setdefault(id(b), set()).update(ranks)
-    return {n: by_id[id(b)] for n, b in rp.lbi.named_buffers() if id(b) in by_id}
-
-
 def owned(rp) -> set[str]:
-    """Parameter and buffer names this rank writes: what it updates or runs, plus whatever
-    no rank updates (identical everywhere)."""
-    users = getattr(rp, "users", {})
-    names = {n for n, _ in rp.lbi.named_parameters()}
-    mine = set(rp.used) | {n for n in names if n not in users}
-    bufs = _buffer_users(rp)
-    mine |= {n for n, _ in rp.lbi.named_buffers() if n not in bufs or rp.rank in bufs[n]}
-    return mine
+    """Parameter and buffer names this rank writes and reads back: what it holds
+    (:mod:`~lbi_fx.distributed.ownership`). Several ranks hold the prologue, a tied head
+    and every dp replica's copy; those are bitwise identical, and DCP keeps one of each."""
+    if hasattr(rp, "held"):  # (held names every alias of a tied weight; keys use one)
+        return set(rp.held) & set(_tensors(rp.lbi))
+    return {n for n, _ in (*rp.lbi.named_parameters(), *rp.lbi.named_buffers())}
 
 
 def _device_type(module: nn.Module) -> str:
-    return next(iter(_tensors(module).values())).device.type
+    return next((t.device.type for t in _tensors(module).values() if t.device.type != "meta"),
+                "cpu")
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -278,15 +265,19 @@ def _mismatch(saved: dict, now: dict, slot: str = "0.0") -> str | None:
         if a[n] != b[n]:
             return (f"{n!r}: checkpoint has shape {tuple(a[n][0])} {a[n][1]}, this model "
                     f"{tuple(b[n][0])} {b[n][1]}")
-    if saved["placement"] != now["placement"]:
-        return (f"placement: checkpoint placed regions {saved['placement']} over "
-                f"{len(saved['placement'])} region ranks, this run {now['placement']}; resume "
-                f"with {len(saved['placement'])} region ranks (world / dp; dp may differ)")
     if saved["optimizer"] != now["optimizer"]:
         return f"optimizer: checkpoint has {saved['optimizer']}, this run {now['optimizer']}"
     if "optim_groups" in saved:
         mine = next(iter(now["optim_groups"].values()))
         d, j = slot.split(".")
+        if saved["placement"] != now["placement"]:
+            # another placement: each rank's groups hold other parameters, so only their
+            # number and hyper-parameter keys can be compared
+            keys = lambda gs: [g["keys"] for g in gs]  # noqa: E731
+            theirs = saved["optim_groups"].get(slot)
+            if theirs is not None and keys(theirs) != keys(mine):
+                return _groups_mismatch(theirs, mine, f"dp replica {d}, region rank {j}")
+            return None
         return _groups_mismatch(saved["optim_groups"].get(slot), mine,
                                 f"dp replica {d}, region rank {j}")
     return None
@@ -332,6 +323,9 @@ def load(path: str | Path, rp, optimizer: torch.optim.Optimizer) -> Any:
     md = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     mine = owned(rp)
     src = d % meta["dp"]
+    moved = meta["placement"] != rp.place  # another number of region ranks
+    j = j % len(meta["placement"])  # RNG states and extra of a saved rank (not a continuation
+    # where the placement moved: regions now run on other ranks)
     tensors = _tensors(rp.lbi)
     dest: dict[str, Any] = {f"model.{n}": tensors[n].detach() for n in sorted(mine)}
     dest.update(_optim_dest(rp.lbi, optimizer, mine, md))
@@ -345,7 +339,7 @@ def load(path: str | Path, rp, optimizer: torch.optim.Optimizer) -> Any:
         dcp.load(dest, checkpoint_id=str(path), process_group=_group(rp))
     _optim_apply(rp.lbi, optimizer, mine, dest)
     state = pickle.loads(dest[local])
-    if state["device"] == _device_type(rp.lbi):
+    if state["device"] == _device_type(rp.lbi) and not moved:
         # jacobian="auto" picks by timing: the saved picks keep the resumed run bitwise
         # (another device type probes afresh: a pick may not work there)
         rp.lbi.region_choices.jacobian.clear()

@@ -154,3 +154,34 @@ def sync_from_rank0(comm: Comm, module: nn.Module, group=None) -> None:
     with torch.no_grad():
         for t in [*module.parameters(), *module.buffers()]:
             comm.broadcast(t.data, 0, "init_broadcast", group=group)
+
+
+def broadcast_held(comm: Comm, named: dict[str, torch.Tensor], holders: dict[str, set[int]],
+                   grid: list[list[int]], group, dp_group=None,
+                   device: torch.device | str = "cpu") -> None:
+    """Make ranks agree on what they hold, one tensor at a time (phase ``init_broadcast``):
+    a tensor several region ranks hold is broadcast over ``group`` (every rank of
+    ``grid``) from its first holder in dp replica 0, a rank that does not hold it lending
+    a temporary buffer; one a single region rank holds goes over that rank's ``dp_group``
+    alone, and nowhere without data parallelism. ``grid[d][j]``: the global rank of
+    region rank j in dp replica d; ``holders``: tensor name -> region ranks."""
+    me = dist.get_rank()
+    col = next(j for row in grid for j, g in enumerate(row) if g == me)
+    seen: set[int] = set()
+    with torch.no_grad():
+        for name, t in named.items():
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            h = sorted(holders.get(name, {0}))
+            if len(h) > 1:
+                src, g = grid[0][h[0]], group
+            elif len(grid) > 1 and col == h[0]:
+                src, g = grid[0][col], dp_group
+            else:
+                continue
+            buf = t.data if t.device.type != "meta" else torch.empty(
+                t.shape, dtype=t.dtype, device=device)
+            comm._log("init_broadcast", "broadcast", buf)
+            work = dist.broadcast(buf, src, group=g, async_op=True)
+            comm.wait(work, "broadcast init_broadcast", comm._ranks(g))

@@ -31,11 +31,25 @@ def _flat_by_dtype(params: Sequence[nn.Parameter]) -> list[tuple[list[nn.Paramet
         by_dtype.setdefault(p.dtype, []).append(p)
     out = []
     for ps in by_dtype.values():
-        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps]
-        flags = torch.tensor([p.grad is not None for p in ps], dtype=ps[0].dtype,
-                             device=ps[0].device)
+        dev = _device(ps)
+        grads = [(p.grad if p.grad is not None else _zeros(p.shape, p.dtype, dev)).reshape(-1)
+                 for p in ps]
+        flags = torch.tensor([p.grad is not None for p in ps], dtype=ps[0].dtype, device=dev)
         out.append((ps, torch.cat([*grads, flags])))
     return out
+
+
+def _device(ps: Sequence[torch.Tensor]) -> torch.device:
+    """Where a bucket lives on this rank: its first held tensor's device. A rank may take
+    part in reducing a parameter it does not hold (on the meta device: another rank's
+    region reads it); it lends zeros there."""
+    return next((p.device for p in ps if p.device.type != "meta"), torch.device(
+        "cuda", torch.cuda.current_device()) if torch.cuda.is_available() and
+        torch.cuda.is_initialized() else torch.device("cpu"))
+
+
+def _zeros(shape, dtype, device) -> torch.Tensor:
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def _take_grads(params: Sequence[nn.Parameter]) -> dict[nn.Parameter, torch.Tensor | None]:
@@ -67,6 +81,9 @@ def _unflatten_into(ps: Sequence[nn.Parameter], flat: torch.Tensor, scale: float
     i = 0
     for p, has in zip(ps, flags.tolist()):
         old = None if prev is None else prev.pop(p, None)
+        if p.device.type == "meta":  # not held here: the sum lives on its holders
+            i += p.numel()
+            continue
         g = flat[i: i + p.numel()].view_as(p)
         if has == 0:
             p.grad = old
@@ -106,7 +123,9 @@ def _reduce_touched_rows(comm: Comm, params: Sequence[nn.Parameter], group, scal
             rest.append(p)
             continue
         g = p.grad
-        mask = p.new_zeros(p.shape[0] + 1)
+        held = p.device.type != "meta"
+        dev = p.device if held else _device([])
+        mask = _zeros(p.shape[0] + 1, p.dtype, dev)
         if g is not None:
             mask[:-1] = (g != 0).any(dim=1).to(mask.dtype)
             mask[-1] = 1
@@ -117,13 +136,17 @@ def _reduce_touched_rows(comm: Comm, params: Sequence[nn.Parameter], group, scal
             continue
         rows = (mask[:-1] > 0).nonzero().squeeze(1)
         if (rows.numel() + 1) * p.shape[1] >= p.numel():  # not smaller: the whole matrix
-            buf = (g if g is not None else torch.zeros_like(p)).contiguous().clone()
+            buf = (g if g is not None else _zeros(p.shape, p.dtype, dev)).contiguous().clone()
             comm.all_reduce(buf, "grad_allreduce", group)
             full = buf
+            if not held:
+                continue
         else:
-            buf = g[rows] if g is not None else p.new_zeros(rows.numel(), p.shape[1])
+            buf = g[rows] if g is not None else _zeros((rows.numel(), p.shape[1]), p.dtype, dev)
             comm.all_reduce(buf, "grad_allreduce", group)
-            full = torch.zeros_like(p)
+            if not held:
+                continue
+            full = _zeros(p.shape, p.dtype, dev)
             full[rows] = buf
         full = full * scale if scale != 1.0 else full
         p.grad = full if old is None else old + full

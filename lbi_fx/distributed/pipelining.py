@@ -50,9 +50,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lbi_fx.distributed.comm import Comm, sync_from_rank0
+from lbi_fx.distributed.comm import Comm, broadcast_held
 from lbi_fx.distributed.grads import _restore_grads, _sum_shared, _take_grads
 from lbi_fx.distributed.mesh import placement
+from lbi_fx.distributed.ownership import (
+    held_bytes,
+    init_weights,
+    materialize,
+    named_tensors,
+    release,
+)
 from lbi_fx.errors import InputError
 
 SCHEDULES = ("gpipe", "1f1b")
@@ -206,18 +213,74 @@ class PipelineRunner:
         self.stage_layers = [[i for k in ks for i in regions[k]] for ks in self.place]
         self.layers = self.stage_layers[self.rank]
         self.module = _Stage(model, self.layers, self.rank == 0, self.rank == self.last)
-        self.params = list(dict.fromkeys(self.module.parameters()))
         uses: dict[int, set[int]] = {}
         for j, layers in enumerate(self.stage_layers):
             stage = _Stage(model, layers, j == 0, j == self.last)
-            for p in stage.parameters():
-                uses.setdefault(id(p), set()).add(j)
+            for t in (*stage.parameters(), *stage.buffers()):
+                uses.setdefault(id(t), set()).add(j)
+        # each rank holds its stage alone, as torch.distributed.pipelining's stages do: the
+        # rest of the model goes to the meta device
+        self.holders = {n: uses.get(id(t), {0}) for n, t in named_tensors(model).items()}
+        self.held = {n for n, h in self.holders.items() if self.rank in h}
+        shared_ids = {i for i, u in uses.items() if len(u) > 1}
+        shared_names = [n for n, p in model.named_parameters() if id(p) in shared_ids]
+        release(model, self.held)
+        self.params = list(dict.fromkeys(self.module.parameters()))
         # the same order on every rank: the model's
-        self.shared = [p for p in dict.fromkeys(model.parameters()) if len(uses.get(id(p), ())) > 1]
+        named = dict(model.named_parameters())
+        self._shared_names = shared_names
+        self.shared = [named[n] for n in shared_names]
         self.timings: dict[str, float] = {}
         self._built: tuple | None = None  # (key, schedule)
-        if sync_params:
-            sync_from_rank0(self.comm, model)
+        self._synced = not sync_params
+        if sync_params and not self._on_meta():
+            self._sync()
+
+    # -- ownership (as RegionParallel's) -------------------------------------------------
+    def _on_meta(self) -> bool:
+        return any(t.device.type == "meta" for n, t in named_tensors(self.model).items()
+                   if n in self.held)
+
+    def _sync(self) -> None:
+        broadcast_held(self.comm, named_tensors(self.model), self.holders,
+                       [self.comm._ranks(self.group)], self.group, None, self._device())
+        self._synced = True
+
+    def _device(self) -> torch.device:
+        return next((p.device for p in self.module.parameters() if p.device.type != "meta"),
+                    torch.device("cpu"))
+
+    def named_parameters(self):
+        """This stage's parameters, under the model's names (build the optimizer on them)."""
+        for n, p in self.model.named_parameters():
+            if n in self.held and p.device.type != "meta" and p.requires_grad:
+                yield n, p
+
+    def parameters(self):
+        for _, p in self.named_parameters():
+            yield p
+
+    def held_bytes(self) -> int:
+        return held_bytes(self.model)
+
+    def to_empty(self, *, device) -> PipelineRunner:
+        """Allocate this stage's share of a model built on the meta device (uninitialised)."""
+        materialize(self.model, self.held, device)
+        self.params = list(dict.fromkeys(self.module.parameters()))
+        named = dict(self.model.named_parameters())
+        self.shared = [named[n] for n in self._shared_names]
+        self._built = None
+        self._synced = False
+        return self
+
+    def init_weights(self, seed: int = 0, fn=None) -> PipelineRunner:
+        """As ``RegionParallel.init_weights``: module by module, seeded by path."""
+        left = init_weights(self.model, seed, fn=fn, only=self.held)
+        if left:
+            raise InputError(f"init_weights: no reset_parameters() for {', '.join(left[:5])}; "
+                             "pass fn=lambda path, module: ...")
+        self._synced = False
+        return self
 
     # -- the schedule, built for one micro-batch shape -----------------------------------
     def _schedule(self, idx: Tensor):
@@ -226,7 +289,8 @@ class PipelineRunner:
         from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
 
         m = self.model
-        act_dtype, dev = m.wte.weight.dtype, m.wte.weight.device
+        held = next(p for p in self.module.parameters() if p.device.type != "meta")
+        act_dtype, dev = held.dtype, held.device
         mb, L = idx.shape[0] // self.microbatches, idx.shape[1]
         key = (mb, L, idx.dtype, act_dtype, dev)
         if self._built is not None and self._built[0] == key:
@@ -266,6 +330,11 @@ class PipelineRunner:
         adds the gradient of the batch-mean loss to ``.grad`` and returns that loss on every
         rank. Collective over the group."""
         self._check(idx, target)
+        if not self._synced:
+            if self._on_meta():
+                raise InputError("PipelineRunner holds tensors on the meta device: call "
+                                 "to_empty(device=...) and fill them first")
+            self._sync()
         t0 = time.perf_counter()
         T: dict[str, float] = {}
         sched = self._schedule(idx)

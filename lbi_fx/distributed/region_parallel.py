@@ -51,7 +51,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from lbi_fx.distributed.comm import Comm, sync_from_rank0
+from lbi_fx.distributed.comm import Comm
 from lbi_fx.distributed.exchange import ADJOINTS, EXCHANGES, row_slices
 from lbi_fx.distributed.grads import (
     _add_grad,
@@ -63,6 +63,15 @@ from lbi_fx.distributed.grads import (
     reduce_shared,
 )
 from lbi_fx.distributed.mesh import Placement, check_crossings, mesh_groups
+from lbi_fx.distributed.ownership import (
+    META,
+    held_bytes,
+    holders,
+    init_weights,
+    materialize,
+    prologue_needs,
+    release,
+)
 from lbi_fx.distributed.params import param_layout
 from lbi_fx.distributed.traffic import _Timer
 from lbi_fx.distributed.watch import Watch
@@ -131,7 +140,7 @@ def _prologue_backward(f: dict, mbar0: torch.Tensor | None, sl: slice) -> None:
     of region 0 (``mbar0``: None elsewhere)."""
     roots, grads = [], []
     for s, g in zip(f["statics"], f["static_grads"]):
-        if g is not None and s.requires_grad:
+        if g is not None and s is not None and s.requires_grad:
             roots.append(s)
             grads.append(g)
     m0 = f["m0"]
@@ -142,14 +151,28 @@ def _prologue_backward(f: dict, mbar0: torch.Tensor | None, sl: slice) -> None:
         torch.autograd.backward(roots, grads)
 
 
+def _rows(inputs) -> int:
+    """The batch size of a call (dim 0 of its first tensor, as transform reads it)."""
+    for t in pytree.tree_leaves(tuple(inputs)):
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            return t.shape[0]
+    raise InputError("the step's inputs hold no tensor with a batch axis")
+
+
 class RegionParallel:
     """Runs one ``LBIModule`` with its regions spread over a process group, or over the
     ``"region"`` dim of a ``("dp", "region")`` device mesh with data parallelism over
     ``"dp"``.
 
-    Every rank holds the full module (synchronised from global rank 0); rank j of the
-    region group only computes with its own regions, the prologue, and (last rank) the
-    epilogue. Each dp replica is fed its own shard of the batch (the caller passes the
+    Each rank holds only what it runs (:mod:`~lbi_fx.distributed.ownership`): its
+    regions with their interface modules, the prologue outputs they read (its own canvas
+    copy under ``canvas_weights="per_region"``) and, on the last rank, the epilogue. The
+    rest of ``lbi`` is released to the meta device at construction (names and shapes
+    stay, storage goes), so train with ``rp.parameters()`` / ``rp.named_parameters()``,
+    not ``lbi.parameters()``. A model built on the meta device stays there until
+    :meth:`to_empty` allocates this rank's share; :meth:`init_weights` (or
+    ``lbi_fx.checkpoint.load``) fills it. Tensors several ranks hold are broadcast from
+    their first holder before the first step, so ranks agree. Each dp replica is fed its own shard of the batch (the caller passes the
     local shard, as with DDP; :func:`shard_batch` cuts one from a global batch). After
     :meth:`step` each rank's ``.grad`` holds the gradient of the mean loss over the
     global batch for the parameters it uses (:attr:`used`), added to what it held before
@@ -200,6 +223,13 @@ class RegionParallel:
             seat.place, seat.owner, seat.slot, seat.mine, seat.last)
         self._layout()
         check_crossings(lbi.program_spec, self.owner, self.last)
+        # ownership: who holds which tensor (from the programs' graphs), then release
+        # everything this rank does not run
+        self.holders = holders(lbi, self.place)
+        self.held = {n for n, h in self.holders.items() if self.rank in h}
+        lbi.keep_prologue_outputs(prologue_needs(lbi, self.mine, self.rank == self.last))
+        release(lbi, self.held)
+        self._synced = not sync_params
         self.timings: dict[str, float] = {}
         RegionParallel._instances += 1
         members = self.comm._ranks(self.world_group)
@@ -208,8 +238,101 @@ class RegionParallel:
                            self.global_rank, self.timeout, self._roles())
         if self.comm.watch is None:
             self.comm.watch = self.watch
-        if sync_params:
-            sync_from_rank0(self.comm, lbi, group=self.world_group)
+        if sync_params and not self.on_meta():
+            self._sync()
+
+    # ownership ----------------------------------------------------------------------
+    def on_meta(self) -> bool:
+        """Whether some tensor this rank holds is still on the meta device (call
+        :meth:`to_empty`)."""
+        return any(t.device == META for n, t in self._named_tensors().items() if n in self.held)
+
+    def _named_tensors(self) -> dict:
+        from lbi_fx.distributed.ownership import named_tensors
+
+        return named_tensors(self.lbi)
+
+    def named_parameters(self):
+        """This rank's trainable parameters, under the LBI module's own names: exactly the
+        ones a step gives gradients to here (build the optimizer on them)."""
+        used = set(self.used)
+        for n, p in self.lbi.named_parameters():
+            if n in used and p.device != META:
+                yield n, p
+
+    def parameters(self):
+        for _, p in self.named_parameters():
+            yield p
+
+    def held_bytes(self) -> int:
+        """Bytes of parameters and buffers this rank holds (with storage)."""
+        return held_bytes(self.lbi)
+
+    def to_empty(self, *, device: torch.device | str) -> RegionParallel:
+        """Allocate this rank's share of a model built on the meta device, uninitialised
+        (as ``nn.Module.to_empty``), and initialise lbi-fx's own interface modules (the same
+        values at any world size: :func:`~lbi_fx.distributed.ownership.init_weights`).
+        Then fill the model's own tensors: :meth:`init_weights`, your own code over
+        :meth:`named_parameters` / ``lbi.named_buffers()``, or ``lbi_fx.checkpoint.load``."""
+        materialize(self.lbi, self.held, device)
+        ours = {n for n in self.held if n.startswith("lbi.")}
+        init_weights(self.lbi, self.init_seed, only=ours)
+        self._synced = False  # the broadcast runs before the first step, once filled
+        return self
+
+    @property
+    def init_seed(self) -> int:
+        return getattr(self.lbi, "init_seed", 0)
+
+    def init_weights(self, seed: int | None = None, fn=None) -> RegionParallel:
+        """Initialise every tensor this rank holds, module by module, each from an RNG
+        seeded by ``seed`` (default ``lbi.init_seed``) and its module path: the values do
+        not depend on the world size, and a per-region canvas copy starts equal to the
+        module it copies. A module is reset by ``fn(path, module)`` when given, else by
+        its ``reset_parameters()``. Raises ``InputError`` naming tensors neither covers."""
+        seed = self.init_seed if seed is None else seed
+        left = init_weights(self.lbi, seed, fn=fn, only=self.held,
+                            origin=getattr(self.lbi, "canvas_origin", None))
+        if left:
+            raise InputError(
+                f"init_weights: {len(left)} tensor(s) this rank holds belong to modules with "
+                f"no reset_parameters(): {', '.join(left[:5])}{' ...' if len(left) > 5 else ''};"
+                " pass fn=lambda path, module: ... that initialises them")
+        self._synced = False
+        return self
+
+    def _sync(self) -> None:
+        """Make the ranks agree on every tensor held by more than one of them (the prologue,
+        a tied head, dp replicas): each is broadcast from its first holder in dp replica 0,
+        one tensor at a time (phase ``init_broadcast``); a rank that does not hold it lends
+        a temporary buffer for the collective."""
+        from lbi_fx.distributed.comm import broadcast_held
+
+        ranks = self._global_ranks()
+        broadcast_held(self.comm, self._named_tensors(), self.holders, ranks,
+                       self.world_group, self.dp_group, self.device())
+        self._synced = True
+
+    def _global_ranks(self) -> list[list[int]]:
+        """Global rank of (dp replica d, region rank j), as ``[d][j]``."""
+        if self.mesh is None:
+            return [self.comm._ranks(self.region_group)]
+        return self.mesh.mesh.tolist()
+
+    def device(self) -> torch.device:
+        """Where this rank's tensors live."""
+        for t in self._named_tensors().values():
+            if t.device != META:
+                return t.device
+        return torch.device("cpu")
+
+    def _m_like(self, rows: int, width: int) -> torch.Tensor:
+        """A zero (rows, width) tensor of the interfaces' dtype on this rank's device (for
+        ranks that do not compute m_0 themselves)."""
+        progs = self.lbi.programs["regions"]
+        dtype = next((p.dtype for p in progs[self.mine[0]].parameters()
+                      if p.dtype.is_floating_point), torch.get_default_dtype())
+        return torch.zeros(rows, width, dtype=dtype, device=self.device())
 
     def _layout(self) -> None:
         """Which rank uses which trainable parameter (:func:`param_layout`), read afresh
@@ -263,6 +386,8 @@ class RegionParallel:
         m0, statics = lbi.chain_inputs(pro_env)
         env = lbi.chain_env(pro_env, statics)
         widths = [lbi.ranks[0], *lbi.ranks]
+        if m0 is None:  # m_0 is region 0's: other ranks keep its shape and dtype only
+            m0 = self._m_like(_rows(inputs), widths[0])
         k0, k1 = self.mine[0], self.mine[-1] + 1
         if k0 == 0:
             m = m0.detach().requires_grad_(True)
@@ -361,6 +486,13 @@ class RegionParallel:
         ``microbatches > 1`` needs. A failure here is published to the other ranks before
         it is raised (see the module docstring)."""
         W = self.watch
+        if not self._synced:
+            if self.on_meta():
+                raise InputError(
+                    "RegionParallel holds tensors on the meta device: call "
+                    "rp.to_empty(device=...) and fill them (rp.init_weights(), your own "
+                    "init over rp.named_parameters(), or lbi_fx.checkpoint.load) first")
+            self._sync()
         W.step += 1
         prev: dict = {}
         T = _Timer()

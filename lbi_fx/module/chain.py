@@ -62,7 +62,7 @@ class ChainRunner:
         masks, ...)."""
         spec = self._programs_spec
         self._refresh()
-        pro = self._build()["prologue"](*self._flatten(tuple(args), kwargs or {}))
+        pro = self._build()["prologue_run"](*self._flatten(tuple(args), kwargs or {}))
         return dict(zip(spec.prologue.outputs, pro))
 
     def chain_inputs(self, env: dict) -> tuple[torch.Tensor, list]:

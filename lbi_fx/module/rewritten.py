@@ -22,6 +22,7 @@ from lbi_fx.module.introspect import Introspection
 from lbi_fx.module.state import StateFollowing
 from lbi_fx.passes.build_backward import build_backward_graph
 from lbi_fx.passes.capture import MODE_PROBLEM_KEY, SIGNATURE_KEY
+from lbi_fx.passes.prune_prologue import prune_outputs
 from lbi_fx.passes.split_places import Programs
 from lbi_fx.runtime import STRATEGIES, LBIChain
 
@@ -139,8 +140,14 @@ class LBIModule(StateFollowing, InputBinding, ChainRunner, Introspection, nn.Mod
             region_params.append(slots)
             region_names.append(names)
         self._built_key = self._state_key()
+        keep = getattr(self, "_prologue_keep", None)
         compiled = {
             "prologue": gm(spec.prologue, "Prologue"),
+            # what this process runs of it: a region-parallel rank computes only what its
+            # regions read (passes/prune_prologue.py); the full program stays for analysis
+            "prologue_run": (gm(spec.prologue, "Prologue") if keep is None else fx.GraphModule(
+                self, prune_outputs(spec.prologue.graph, spec.prologue.outputs, keep, self),
+                "Prologue")),
             "regions": regions,
             "epilogue": gm(spec.epilogue, "Epilogue"),
             "static_names": static_names,
@@ -150,6 +157,13 @@ class LBIModule(StateFollowing, InputBinding, ChainRunner, Introspection, nn.Mod
         }
         self._compiled = compiled
         return compiled
+
+    def keep_prologue_outputs(self, names: set[str] | None) -> None:
+        """Run only the prologue outputs ``names`` (None: all). A region-parallel rank
+        sets it to what its regions read, so the prologue never touches the parameters
+        of other ranks' canvas copies; the other outputs come back as None."""
+        self._prologue_keep = None if names is None else frozenset(names)
+        self._compiled = None
 
     @property
     def n_static(self) -> int:
