@@ -5,6 +5,7 @@ on their own groups, the one that breaks the default group runs last."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -110,6 +111,7 @@ def _is_lbi(exc) -> bool:
 def _exact(lbi, idx, tgt, mesh, dtype, **rp_kw) -> dict:
     from lbi_fx.distributed import RegionParallel, shard_batch
 
+    lbi = copy.deepcopy(lbi)  # a RegionParallel keeps only its rank's share of the module
     lbi.to(dtype)
     lbi.backward = "autograd"
     params = dict(lbi.named_parameters())
@@ -148,6 +150,7 @@ def _accumulated(lbi, batches, mesh=None, group=None) -> dict:
     step and kind."""
     from lbi_fx.distributed import RegionParallel, shard_batch
 
+    lbi = copy.deepcopy(lbi)  # a RegionParallel keeps only its rank's share
     lbi.to(torch.float64)
     lbi.backward = "autograd"
     params = dict(lbi.named_parameters())
@@ -180,16 +183,16 @@ def _ignored_interface(group) -> dict:
     from lbi_fx.distributed import RegionParallel
 
     lbi, x = _chain(3, skip_last=True)
+    ref_lbi = copy.deepcopy(lbi)  # the reference: RegionParallel keeps only a share of lbi
+    ref_lbi.backward = "autograd"
     params = dict(lbi.named_parameters())
+    ref_params = list(dict(ref_lbi.named_parameters()).values())
     acc: list = [None] * len(params)
     rp = None
     out = {}
     for step, xs in enumerate((x, 0.5 * x.flip(0))):
-        lbi.backward = "autograd"
-        ref = torch.autograd.grad(lbi(xs).pow(2).mean(), list(params.values()),
-                                  allow_unused=True)
+        ref = torch.autograd.grad(ref_lbi(xs).pow(2).mean(), ref_params, allow_unused=True)
         acc = [a if g is None else g if a is None else a + g for a, g in zip(acc, ref)]
-        lbi.backward = "scan"
         rp = rp or RegionParallel(lbi, group, timeout=30)
         rp.step((xs,), lambda o: o.pow(2).mean())
         out[f"step{step}"] = {
@@ -231,16 +234,16 @@ def _worker(rank: int, port: int, out: str) -> None:
                                 plain=_accumulated(lbi, batches, group=pairs[rank // 2]),
                                 dp_only=_accumulated(lbi, batches[:2], mesh=dp_only))
             # replicas fed different shard sizes: the mean would be wrong, so every rank refuses
-            rp = RegionParallel(lbi, mesh=mesh, timeout=30)
+            rp = RegionParallel(copy.deepcopy(lbi), mesh=mesh, timeout=30)
             rows = 2 if rp.dp_rank == 0 else 1
             res["unequal"] = _error(lambda: rp.step((idx[:rows],), ce(tgt[:rows])))
             comm = Comm()
             res["bad"] = dict(
-                names=_error(lambda: RegionParallel(lbi, mesh=misnamed, comm=comm)),
-                wide=_error(lambda: RegionParallel(lbi, mesh=too_wide, comm=comm)),
-                both=_error(lambda: RegionParallel(lbi, pairs[rank // 2], mesh=mesh, comm=comm)),
+                names=_error(lambda: RegionParallel(copy.deepcopy(lbi), mesh=misnamed, comm=comm)),
+                wide=_error(lambda: RegionParallel(copy.deepcopy(lbi), mesh=too_wide, comm=comm)),
+                both=_error(lambda: RegionParallel(copy.deepcopy(lbi), pairs[rank // 2], mesh=mesh, comm=comm)),
                 records=len(comm.records))
-            rp = RegionParallel(lbi, mesh=mesh, timeout=TIMEOUT)
+            rp = RegionParallel(copy.deepcopy(lbi), mesh=mesh, timeout=TIMEOUT)
             res["bad"]["split"] = _error(lambda: shard_batch(torch.zeros(3, L), rp))
             if rank < 2:  # ranks 0, 1: the last region ignores m_{K-1}; then check_finite=True
                 res["ignored"] = _ignored_interface(pairs[0])

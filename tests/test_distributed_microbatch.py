@@ -4,6 +4,7 @@ the relay sends nothing but m_k forward and mbar_k backward (B x r each)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import warnings
@@ -71,30 +72,32 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         lbi.backward = "scan"
         for M, exchange in CASES if model == "shared" else [(2, "relay"), (1, "allgather")]:
             lbi.zero_grad(set_to_none=True)
-            rp = RegionParallel(lbi, microbatches=M, exchange=exchange)
+            rp = RegionParallel(copy.deepcopy(lbi), microbatches=M, exchange=exchange)
+            params_rp = dict(rp.lbi.named_parameters())  # this rank's share
             loss = rp.step((idx,), loss_fn, target=tgt)
             used = {n: ref[n] for n in rp.used}
-            one = _rel({n: p.grad for n, p in params.items()}, used)
+            one = _rel({n: p.grad for n, p in params_rp.items()}, used)
             rp.comm.records.clear()
             rp.step((idx,), loss_fn, target=tgt)  # no zero_grad: accumulates
-            two = _rel({n: p.grad for n, p in params.items()},
+            two = _rel({n: p.grad for n, p in params_rp.items()},
                        {n: None if g is None else 2 * g for n, g in used.items()})
             phases: dict[str, list] = {}
             for r in rp.comm.records:
                 phases.setdefault(r.phase, []).append([r.op, r.numel, r.bytes])
-            others = sorted(n for n, p in params.items() if n not in rp.used and p.grad is not None)
+            others = sorted(n for n, p in params_rp.items() if n not in rp.used and p.grad is not None)
             key = f"{dtype}/{M}/{exchange}" + ("" if model == "shared" else f"/{model}")
             result[key] = dict(
                 one=one, two=two, loss=abs(loss - float(ref_loss.detach())), phases=phases,
                 others=others, widths=lbi.ranks, place=rp.place,
-                shared=sorted(n for n, p in params.items() if any(p is q for q in rp.shared)))
+                shared=sorted(n for n, p in params_rp.items() if any(p is q for q in rp.shared)))
         if dtype == torch.float64 and model == "shared":  # the touched rows of wte only
             sparse = {}
-            rp = RegionParallel(lbi, microbatches=1)  # tied: the head's gradient is dense
+            rp = RegionParallel(copy.deepcopy(lbi), microbatches=1)  # tied: the head's gradient is dense
+            params_rp = dict(rp.lbi.named_parameters())  # this rank's share
             rp.row_sparse_min_rows = 16
             lbi.zero_grad(set_to_none=True)
             rp.step((idx,), loss_fn, target=tgt)
-            tied = dict(err=_rel({n: p.grad for n, p in params.items()}, {n: ref[n] for n in rp.used}),
+            tied = dict(err=_rel({n: p.grad for n, p in params_rp.items()}, {n: ref[n] for n in rp.used}),
                         phases=sorted({r.phase for r in rp.comm.records}))
             lbi, idx, tgt = _model(dtype, tie_weights=False)  # tied, the head makes it dense
             lbi.backward = "autograd"
@@ -104,11 +107,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             lbi.backward = "scan"
             for min_rows in (10**9, 16):  # dense all-reduce, then rows a batch touched
                 lbi.zero_grad(set_to_none=True)
-                rp = RegionParallel(lbi, microbatches=2, exchange="relay")
+                rp = RegionParallel(copy.deepcopy(lbi), microbatches=2, exchange="relay")
+                params_rp = dict(rp.lbi.named_parameters())  # this rank's share
                 rp.row_sparse_min_rows = min_rows
                 rp.step((idx,), loss_fn, target=tgt)
                 sparse[min_rows] = dict(
-                    err=_rel({n: p.grad for n, p in params.items()}, {n: ref[n] for n in rp.used}),
+                    err=_rel({n: p.grad for n, p in params_rp.items()}, {n: ref[n] for n in rp.used}),
                     bytes={ph: sum(r.bytes for r in rp.comm.records if r.phase == ph)
                            for ph in ("grad_allreduce", "grad_rows")})
             result["sparse"] = dict(sparse=sparse[16], dense=sparse[10**9], tied=tied,

@@ -227,6 +227,7 @@ class RegionParallel:
         # everything this rank does not run
         self.holders = holders(lbi, self.place)
         self.held = {n for n, h in self.holders.items() if self.rank in h}
+        self._check_whole()
         lbi.keep_prologue_outputs(prologue_needs(lbi, self.mine, self.rank == self.last))
         release(lbi, self.held)
         self._synced = not sync_params
@@ -242,6 +243,18 @@ class RegionParallel:
             self._sync()
 
     # ownership ----------------------------------------------------------------------
+    def _check_whole(self) -> None:
+        """A module another RegionParallel already split lacks what this one may need."""
+        named = self._named_tensors()
+        gone = sorted(n for n in self.held if named[n].device == META)
+        if gone and any(t.device != META for t in named.values()):
+            raise InputError(
+                f"RegionParallel: {gone[0]!r}{f' and {len(gone) - 1} more' if len(gone) > 1 else ''}"
+                " of the regions this rank runs is on the meta device while other tensors are "
+                "not: the LBI module was split by another RegionParallel already (each keeps "
+                "only its rank's share). Build each RegionParallel on its own module "
+                "(transform again, or copy.deepcopy(lbi) before the first)")
+
     def on_meta(self) -> bool:
         """Whether some tensor this rank holds is still on the meta device (call
         :meth:`to_empty`)."""
