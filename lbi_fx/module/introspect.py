@@ -77,6 +77,10 @@ class Introspection:
                   + f", jacobian={self.jacobian!r}, scan backend {self.scan_backend!r}"
                   + (" (auto: triton on CUDA, else the sequential or chunked torch scan by "
                      "shape)" if self.scan_backend == "auto" else ""))
+        unprobed = getattr(self, "unprobed", [])
+        if unprobed:
+            header += (f"\nbuilt on the meta device: transform did not run {', '.join(unprobed)}"
+                       " (no values); verify a small materialised config of the same model")
         return Explanation(rows, header)
 
     def lbi_verify(self, *, example_inputs: Sequence[object], rank=None, interfaces=None
