@@ -7,9 +7,10 @@
 gloo on CPU, nccl when CUDA is available (one GPU per local rank). The ranks form a
 ("dp", "region") device mesh: each of the --dp replicas places the K regions over its
 world/dp ranks and trains on its own rows of the global batch; gradients are averaged
-over the replicas as DDP does. Each rank builds the same LBI model (same seed;
-``RegionParallel`` also broadcasts rank 0's weights), runs the prologue, its own regions
-and, on the last region rank, the epilogue and the loss. The only activation-path traffic
+over the replicas as DDP does. Each rank builds the model on the meta device, transforms
+it there, and allocates and initialises only its own share (``rp.to_empty`` +
+``rp.init_weights``: the same values at any world size); it runs the prologue outputs its
+regions read, its own regions and, on the last region rank, the epilogue and the loss. The only activation-path traffic
 is m_k (B x r) forward, one all-gather of the J_k and one broadcast of mbar_{K-1}
 backward; shared parameters (embeddings, tied head) are all-reduced. Every rank steps its
 optimizer on the parameters it uses.
@@ -36,7 +37,7 @@ from tqdm import tqdm
 import lbi_fx
 from lbi_fx import checkpoint
 from lbi_fx.distributed import LBI_BACKWARD_PHASES, RegionParallel, shard_batch
-from lbi_fx.models.transformer import build
+from lbi_fx.models.transformer import GPT, GPTConfig
 
 
 def param_digest(rp: RegionParallel) -> str:
@@ -88,17 +89,23 @@ def main(argv: list[str] | None = None) -> int:
     if a.layers % K:
         raise SystemExit(f"--layers {a.layers} is not a multiple of --regions {K}")
     per = a.layers // K
-    torch.manual_seed(0)  # same interface modules on every rank
-    model, (example,) = build(n_layer=a.layers, n_embd=a.width, block_size=a.seq, batch=2, seq=8,
-                              dropout=a.dropout)
+    # built on the meta device: no rank ever holds the whole model (issue #34)
+    cfg = GPTConfig(n_layer=a.layers, n_embd=a.width, block_size=a.seq, dropout=a.dropout)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    example = torch.zeros(2, 8, dtype=torch.long)  # real ids: transform needs shapes only
     lbi = lbi_fx.transform(model, regions=[[f"layers.{k * per + i}" for i in range(per)]
                                            for k in range(K)],
                            rank=a.rank, example_inputs=(example,), max_len=a.seq,
-                           jacobian="reuse", canvas_weights=a.canvas_weights).to(device)
+                           pool="causal", jacobian="reuse", canvas_weights=a.canvas_weights)
     mesh = init_device_mesh(device.type, (a.dp, world // a.dp), mesh_dim_names=("dp", "region"))
     rp = RegionParallel(lbi, mesh=mesh, timeout=a.timeout, microbatches=a.microbatches,
                         exchange=a.exchange)
-    opt = torch.optim.AdamW([p for n, p in lbi.named_parameters() if n in set(rp.used)], lr=a.lr)
+    rp.to_empty(device=device).init_weights(seed=0)  # this rank's share, the same at any world
+    opt = torch.optim.AdamW(rp.parameters(), lr=a.lr)  # this rank's share alone
+    if rank == 0:
+        print(f"rank 0 holds {rp.held_bytes() / 2**20:.1f} MiB of parameters and buffers",
+              flush=True)
     torch.manual_seed(1000 + rank)  # each rank its own dropout stream
     try:
         from lbi_fx.models.data import load_corpus
