@@ -136,10 +136,12 @@ class Comm:
         self.finish(self.all_reduce_async(t, phase, group))
         return t
 
-    def local_bytes(self) -> dict[str, int]:
+    def local_bytes(self, wire: bool = False) -> dict[str, int]:
+        """This rank's records per phase: logical payloads, or with ``wire`` the bytes this
+        rank itself sent on the wire (not collective: no other rank is asked)."""
         out: dict[str, int] = {}
         for r in self.records:
-            out[r.phase] = out.get(r.phase, 0) + r.bytes
+            out[r.phase] = out.get(r.phase, 0) + (r.wire if wire else r.bytes)
         return out
 
     def totals(self) -> dict[str, int]:
