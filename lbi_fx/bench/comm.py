@@ -19,7 +19,8 @@ Every phase is counted where it is sent and reported as a step total first, then
 (``lbi_fx.distributed.step_bytes``: activations / interface, Jacobians, parameter-gradient
 reductions, dp reductions, control), in bytes on the wire: what the ranks send, by the
 algorithm gloo runs each collective with (an all-reduce over n ranks: 2 (n - 1) x its
-buffer in all), beside the logical payload (each collective's tensor once). With ``--dp N`` the LBI run is a ``("dp", "region")``
+buffer in all), beside the logical payload (each collective's tensor once). With ``--dp``
+the figures are one replica's ranks' (each replica sends as much). With ``--dp N`` the LBI run is a ``("dp", "region")``
 mesh of N x world ranks. Defaults are the paper's configuration (K=7, r=64, bf16, B=1,
 L=1024, D=768) with one block per region and one rank per region.
 """
@@ -353,7 +354,9 @@ def run(a: argparse.Namespace) -> int:
     sched, M = s["pipeline_schedule"]
     print(f"K={c['k']} world={c['world']} dp={c['dp']} {_width(c)}, {c['dtype']} B={c['batch']} "
           f"L={c['seq']} D={c['dim']} vocab={c['vocab']} placement={s['placement']}")
-    print(f"  bytes per step on the wire, all ranks: LBI ({c['exchange']}, "
+    scope = "all ranks" if c["dp"] == 1 else \
+        f"the {c['world']} ranks of one replica (the mesh: dp = {c['dp']} x this)"
+    print(f"  bytes per step on the wire, {scope}: LBI ({c['exchange']}, "
           f"{c['canvas_weights']} canvas) {s['lbi_step_bytes']:,} ({_kb(s['lbi_step_bytes'])}) "
           f"vs pipelining {sched} M={M} {s['pipeline_step_bytes']:,} "
           f"({_kb(s['pipeline_step_bytes'])}): {_ratio(s['step_ratio'])}")
