@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         opt.zero_grad(set_to_none=True)
         loss = rp.step((x,), loss_fn, target=y)
         opt.step()
-        b = rp.comm.local_bytes()
+        b = rp.comm.local_bytes(wire=True)  # what this rank sent, on the wire
         bar.set_postfix(loss=f"{loss:.4f}", bwd_B=sum(b.get(p, 0) for p in LBI_BACKWARD_PHASES),
                         allreduce_B=b.get("grad_allreduce", 0) + b.get("dp_allreduce", 0))
         if a.save and a.save_every and (step + 1) % a.save_every == 0 and step + 1 < a.steps:

@@ -103,20 +103,31 @@ def test_bench_comm_json(capsys):
             "--rank", "8", "--dtype", "fp32"]
     assert main(base) == 0
     data = json.loads(capsys.readouterr().out)
-    lbi, pipe = data["lbi"]["by_phase"], data["pipeline"]["by_phase"]
+    lbi, pipe = data["lbi"]["logical"]["by_phase"], data["pipeline"]["logical"]["by_phase"]
     assert lbi["scan_allgather"] == 2 * 8 * 8 * 4  # world x (B, 1 slot, r, r)
     assert lbi["mbar_broadcast"] == lbi["forward_m"] == 8 * 4
     assert lbi["grad_allreduce"] == (256 * 32 + 16 * 32 + 2) * 4  # wte, wpe, a flag each
     assert pipe["pipe_forward_act"] == pipe["pipe_backward_grad"] == 16 * 32 * 4
     assert pipe["grad_allreduce"] == (256 * 32 + 1) * 4  # the tied head / wte
-    assert data["lbi_step_bytes"] == sum(data["lbi"]["by_kind"].values()) == sum(lbi.values())
-    assert data["pipeline_step_bytes"] == sum(pipe.values())
+    # on the wire, 2 ranks: the all-gather's result and the broadcast cross once, each
+    # all-reduce twice (ring: every rank sends its half, then the reduced half back)
+    wire = {ph: b * (2 if ph in ("grad_allreduce", "loss") else 1) for ph, b in lbi.items()}
+    assert data["lbi"]["by_phase"] == wire
+    assert data["pipeline"]["by_phase"] == {ph: b * (2 if ph == "grad_allreduce" else 1)
+                                            for ph, b in pipe.items()}
+    assert data["lbi_step_bytes"] == sum(data["lbi"]["by_kind"].values()) == sum(wire.values())
+    assert data["lbi_step_bytes"] == sum(data["lbi"]["per_rank"])
+    assert data["lbi_logical_bytes"] == sum(lbi.values())
+    assert data["pipeline_step_bytes"] == sum(data["pipeline"]["by_phase"].values())
+    assert data["pipeline_logical_bytes"] == sum(pipe.values())
     assert data["pipeline_schedule"] == ["gpipe", 1]  # B = 1 cannot fill 2 micro-batches
     # relay + per-region canvas: m_1 forward, mbar_1 (+ flag) back, the loss; nothing else
     assert main([*base, "--exchange", "relay", "--canvas-weights", "per_region"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["lbi"]["by_phase"] == {"forward_m": 8 * 4, "mbar_relay": 9 * 4, "loss": 3 * 8}
-    assert data["lbi_step_bytes"] == 92
+    assert data["lbi"]["logical"]["by_phase"] == {"forward_m": 8 * 4, "mbar_relay": 9 * 4,
+                                                  "loss": 3 * 8}
+    assert data["lbi"]["by_phase"] == {"forward_m": 8 * 4, "mbar_relay": 9 * 4, "loss": 2 * 3 * 8}
+    assert data["lbi_logical_bytes"] == 92 and data["lbi_step_bytes"] == 116
 
 
 @pytest.mark.parametrize("timeout", [0, -1.0, True, "60"])

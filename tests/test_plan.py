@@ -149,11 +149,29 @@ def test_byte_formulas_equal_a_real_two_rank_run(argv, capsys):
     lbi, model, _, _, layers = comm._build(dict(c, dp=1, heads=2))
     place = placement(3, 2)
     widths, r_max = plan.lbi_widths(lbi)
-    got = plan.lbi_bytes(2, widths, r_max, place, c["exchange"], plan.lbi_shared_params(lbi, 2))
-    assert got == data["lbi"]["by_phase"]
+    shared = plan.lbi_shared_params(lbi, 2)
+    got = plan.lbi_bytes(2, widths, r_max, place, c["exchange"], shared)
+    assert got == data["lbi"]["logical"]["by_phase"]
+    # on the wire: what step_bytes reports and the simulated link carries
+    wire = plan.lbi_wire_bytes(2, widths, r_max, place, c["exchange"], shared)
+    assert wire == data["lbi"]["by_phase"]
     stages = [[i for k in ks for i in layers[k]] for ks in place]
-    pipe = plan.pipeline_bytes(2, 16 * 32, 2, plan.pipeline_shared_params(model, stages))
-    assert pipe == {k: v for k, v in data["pipeline"]["by_phase"].items() if k != "pipe_meta"}
+    pshared = plan.pipeline_shared_params(model, stages)
+    pipe = plan.pipeline_bytes(2, 16 * 32, 2, pshared)
+    assert pipe == {k: v for k, v in data["pipeline"]["logical"]["by_phase"].items()
+                    if k != "pipe_meta"}
+    assert plan.pipeline_wire_bytes(2, 16 * 32, 2, pshared) == data["pipeline"]["by_phase"]
+    # the simulator's programs put exactly these wire bytes on the link (no compute, a
+    # free link; relay's sends and the all-gather's collectives alike)
+    from lbi_fx.plan.traffic import bucket_bytes
+
+    ranks = [plan.LBIRank(0.0, 0.0, 0.0, 0.0, 0.0) for _ in range(2)]
+    sim = plan.simulate(plan.lbi_program(ranks, place, widths, r_max, 2, 1, c["exchange"],
+                                         bucket_bytes(shared)), FREE)
+    assert sim.wire_bytes == sum(wire.values())
+    sim = plan.simulate(plan.gpipe_program([0.0, 0.0], [0.0, 0.0], 1, 2 * 16 * 32 * 4,
+                                           bucket_bytes(pshared)), FREE)
+    assert sim.wire_bytes == sum(plan.pipeline_wire_bytes(2, 16 * 32, 2, pshared).values())
 
 
 # -- the command -------------------------------------------------------------------------------

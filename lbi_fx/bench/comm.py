@@ -17,7 +17,10 @@ It spawns ``--world`` processes itself (gloo on 127.0.0.1, a free port), builds
 
 Every phase is counted where it is sent and reported as a step total first, then by kind
 (``lbi_fx.distributed.step_bytes``: activations / interface, Jacobians, parameter-gradient
-reductions, dp reductions, control). With ``--dp N`` the LBI run is a ``("dp", "region")``
+reductions, dp reductions, control), in bytes on the wire: what the ranks send, by the
+algorithm gloo runs each collective with (an all-reduce over n ranks: 2 (n - 1) x its
+buffer in all), beside the logical payload (each collective's tensor once). With ``--dp``
+the figures are one replica's ranks' (each replica sends as much). With ``--dp N`` the LBI run is a ``("dp", "region")``
 mesh of N x world ranks. Defaults are the paper's configuration (K=7, r=64, bf16, B=1,
 L=1024, D=768) with one block per region and one rank per region.
 """
@@ -124,7 +127,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
             t0 = time.perf_counter()
             pipe_loss = pipe.step(idx, tgt)
             pipe_t.append(dict(pipe.timings, step=time.perf_counter() - t0))
-        lbi_tot, pipe_tot = rp.comm.totals(), pipe.comm.totals()
+        lbi_tot, pipe_tot = rp.comm.traffic(), pipe.comm.traffic()
         every: list = [None] * world
         dist.all_gather_object(every, {"lbi": lbi_t, "pipe": pipe_t})
         if rank == 0:
@@ -206,14 +209,18 @@ def summarize(cfg: dict, res: dict) -> dict:
                 "canvas_weights": cfg.get("canvas_weights", "shared")},
         placement=res["place"],
         pipeline_schedule=res.get("schedule"),
+        # on the wire, all ranks (what step_bytes' total is)
         lbi_step_bytes=lbi["total"],
         pipeline_step_bytes=pipe["total"],
         step_ratio=pipe["total"] / lbi["total"] if lbi["total"] else float("inf"),
+        # the logical payloads (a collective's tensor once), for comparison only
+        lbi_logical_bytes=lbi["logical"]["total"],
+        pipeline_logical_bytes=pipe["logical"]["total"],
         lbi=lbi, pipeline=pipe,
-        # the backward's exchange alone (the paper's ~56 KB figure)
-        lbi_bytes=sum(res["lbi"].get(p, 0) for p in ("scan_allgather", "mbar_broadcast",
-                                                     "mbar_relay")),
-        pipeline_bytes=res["pipe"].get("pipe_backward_grad", 0),
+        # the backward's exchange alone, on the wire
+        lbi_bytes=sum(lbi["by_phase"].get(p, 0) for p in ("scan_allgather", "mbar_broadcast",
+                                                          "mbar_relay")),
+        pipeline_bytes=pipe["by_phase"].get("pipe_backward_grad", 0),
         lbi_loss=res["lbi_loss"],
         pipeline_loss=res["pipe_loss"],
     )
@@ -221,6 +228,13 @@ def summarize(cfg: dict, res: dict) -> dict:
 
 def _kb(b: float) -> str:
     return f"{b / 1024:,.1f} KiB"
+
+
+def _ratio(r: float) -> str:
+    """pipeline / LBI bytes, said the right way round."""
+    if r >= 1:
+        return f"{r:,.1f}x fewer"
+    return f"{1 / r:,.1f}x more" if r > 0 else "LBI sends bytes, the pipeline none"
 
 
 
@@ -340,10 +354,16 @@ def run(a: argparse.Namespace) -> int:
     sched, M = s["pipeline_schedule"]
     print(f"K={c['k']} world={c['world']} dp={c['dp']} {_width(c)}, {c['dtype']} B={c['batch']} "
           f"L={c['seq']} D={c['dim']} vocab={c['vocab']} placement={s['placement']}")
-    print(f"  bytes per step, all ranks: LBI ({c['exchange']}, {c['canvas_weights']} canvas) "
-          f"{s['lbi_step_bytes']:,} ({_kb(s['lbi_step_bytes'])}) vs pipelining {sched} M={M} "
-          f"{s['pipeline_step_bytes']:,} ({_kb(s['pipeline_step_bytes'])}): "
-          f"{s['step_ratio']:.1f}x fewer")
+    scope = "all ranks" if c["dp"] == 1 else \
+        f"the {c['world']} ranks of one replica (the mesh: dp = {c['dp']} x this)"
+    print(f"  bytes per step on the wire, {scope}: LBI ({c['exchange']}, "
+          f"{c['canvas_weights']} canvas) {s['lbi_step_bytes']:,} ({_kb(s['lbi_step_bytes'])}) "
+          f"vs pipelining {sched} M={M} {s['pipeline_step_bytes']:,} "
+          f"({_kb(s['pipeline_step_bytes'])}): {_ratio(s['step_ratio'])}")
+    print(f"  logical payload (each collective's tensor once): LBI {s['lbi_logical_bytes']:,} "
+          f"vs pipelining {s['pipeline_logical_bytes']:,}; headers and framing in neither")
+    print("  per rank on the wire: LBI " + ", ".join(f"{b:,}" for b in s["lbi"]["per_rank"])
+          + "; pipeline " + ", ".join(f"{b:,}" for b in s["pipeline"]["per_rank"]))
     for kind in s["lbi"]["by_kind"]:
         lb, pb = s["lbi"]["by_kind"][kind], s["pipeline"]["by_kind"][kind]
         if lb or pb:

@@ -17,8 +17,9 @@ steps of each method, the first ``--warmup`` excluded:
 A step's time is the wall from a barrier to the step's end, the max over ranks; a
 method's time is the median over the timed steps, and its row shows the best M. Bytes per
 step are ``Comm.totals()`` of one steady-state step (without ``pipe_meta`` and
-``init_broadcast``); "wire" estimates what crosses the link: sends and broadcasts once per
-receiver, an all-gather's result (W - 1) times, an all-reduce 2 (W - 1) times (ring).
+``init_broadcast``); "total" is their logical payload, "wire" what the ranks sent
+(``CommRecord.wire``, summed over ranks: sends and broadcasts once per receiver, each
+part of an all-gather W - 1 times, an all-reduce 2 (W - 1) times as gloo's ring runs it).
 
 ``--modeled`` shapes nothing: it measures unshaped once and predicts each rate's step as
 ``t_unshaped + 8 * wire_bytes / rate``: every exchange of these steps is waited for, so
@@ -121,18 +122,10 @@ def _lbi(cfg: dict, canvas: str):
     return lbi, idx, tgt
 
 
-def _wire(records, world: int) -> tuple[int, int]:
-    """(bytes sent by this rank's sends, estimated link bytes of the collectives)."""
-    mult = {"broadcast": world - 1, "all_gather": world - 1, "all_reduce": 2 * (world - 1)}
-    own = coll = 0
-    for r in records:
-        if r.phase in SKIP_PHASES:
-            continue
-        if r.op in ("send", "dp_all_reduce"):
-            own += r.bytes * (1 if r.op == "send" else 2 * (world - 1))
-        else:
-            coll += r.bytes * mult.get(r.op, 1)
-    return own, coll
+def _wire(records) -> int:
+    """Bytes this rank sent on the wire in ``records`` (``CommRecord.wire``: by the
+    algorithm gloo runs each call with), setup phases left out."""
+    return sum(r.wire for r in records if r.phase not in SKIP_PHASES)
 
 
 def _time(cfg: dict, method: str, m: int, lbis: dict) -> dict:
@@ -173,16 +166,15 @@ def _time(cfg: dict, method: str, m: int, lbis: dict) -> dict:
         times.append(time.perf_counter() - t0)
     records = list(comm.records)
     parts = {k: v for k, v in comm.totals().items() if k not in SKIP_PHASES}
-    own, coll = _wire(records, world)
     every: list = [None] * world
-    dist.all_gather_object(every, dict(times=times, own=own, coll=coll))
+    dist.all_gather_object(every, dict(times=times, own=_wire(records)))
     steps = [max(e["times"][i] for e in every) for i in range(len(times))]
     width = next((list(r.shape) for r in records if r.phase == "forward_m"), None)
     return dict(method=method, microbatches=m, steps_s=steps,
                 per_rank_s=[e["times"] for e in every],
                 median_s=statistics.median(steps[cfg["warmup"]:]),
                 bytes=dict(total=sum(parts.values()), parts=parts,
-                           wire=sum(e["own"] for e in every) + every[0]["coll"]),
+                           wire=sum(e["own"] for e in every)),
                 loss=loss, **({"forward_m_shape": width} if width else {}))
 
 

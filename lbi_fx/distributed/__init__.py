@@ -8,7 +8,8 @@
                      data-parallel averages, without touching earlier steps' ``.grad``
 ``params``           which rank uses which parameter, hence which reduction it takes
 ``comm``             :class:`Comm`: every ``torch.distributed`` call, counted and watched
-``traffic``          what the bytes are: :func:`step_bytes`, :data:`PHASE_KINDS`, :data:`KINDS`
+``traffic``          what the bytes are: :func:`step_bytes` (on the wire, per rank, beside the
+                     logical payload), :func:`wire_bytes`, :data:`PHASE_KINDS`, :data:`KINDS`
 ``watch``            the failure side channel: ``PeerFailedError`` / ``DistributedTimeout``
                      instead of a hang
 ``checkpoint``       distributed checkpoints over DCP (also ``lbi_fx.checkpoint``)
@@ -40,6 +41,8 @@ from lbi_fx.distributed.traffic import (  # noqa: F401
     CommRecord,
     _Timer,
     step_bytes,
+    wire_bytes,
+    wire_total,
 )
 from lbi_fx.distributed.watch import STEP_PHASES, Watch, _waiter  # noqa: F401
 from lbi_fx.errors import DistributedError, DistributedTimeout, PeerFailedError  # noqa: F401
@@ -48,5 +51,5 @@ __all__ = [
     "EXCHANGES", "KINDS", "LBI_BACKWARD_PHASES", "MESH_DIMS", "PHASE_KINDS", "STEP_PHASES",
     "Comm", "CommRecord", "RegionParallel", "Watch",
     "free_port", "load", "mesh_groups", "placement", "save", "shard_batch", "step_bytes",
-    "sync_from_rank0",
+    "sync_from_rank0", "wire_bytes", "wire_total",
 ]

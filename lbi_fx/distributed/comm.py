@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lbi_fx.distributed.traffic import _PER_RANK_OPS, CommRecord
+from lbi_fx.distributed.traffic import _PER_RANK_OPS, CommRecord, wire_bytes
 from lbi_fx.distributed.watch import Watch, _waiter
 from lbi_fx.errors import DistributedError
 
@@ -50,9 +50,21 @@ class Comm:
         return list(range(dist.get_world_size())) if group is None else \
             dist.get_process_group_ranks(group)
 
-    def _log(self, phase: str, op: str, t: torch.Tensor, numel: int | None = None) -> None:
+    def _log(self, phase: str, op: str, t: torch.Tensor, numel: int | None = None,
+             group=None, root: int = 0) -> None:
+        """Record one call: its logical payload, and what this rank sends for it on the
+        wire (:func:`~lbi_fx.distributed.traffic.wire_bytes`) on ``group`` (default the
+        comm's), by the backend that runs it. ``root``: a broadcast's source, group rank."""
         n = t.numel() if numel is None else numel
-        self.records.append(CommRecord(phase, op, n, n * t.element_size(), tuple(t.shape)))
+        nbytes = n * t.element_size()
+        size = 1
+        wire, msgs = nbytes, 1
+        if op != "send":
+            g = self.group if group is None else group
+            size, me = dist.get_world_size(g), dist.get_rank(g)
+            wire, msgs = wire_bytes(op, nbytes, size, me, root, t.element_size(),
+                                    _backend(g, t))
+        self.records.append(CommRecord(phase, op, n, nbytes, tuple(t.shape), size, wire, msgs))
 
     def wait(self, work, op: str, peers: Sequence[int], p2p: bool = False) -> None:
         """Wait for ``work``; with a watch, through a waiter thread and polling the store
@@ -105,7 +117,7 @@ class Comm:
         return torch.stack(out)
 
     def broadcast(self, t: torch.Tensor, src: int, phase: str, group=None) -> torch.Tensor:
-        self._log(phase, "broadcast", t)
+        self._log(phase, "broadcast", t, group=group, root=src)
         g = self.group if group is None else group
         work = dist.broadcast(t, self._peer(src, group), group=g, async_op=True)
         self.wait(work, f"broadcast {phase}", self._ranks(group))
@@ -113,7 +125,7 @@ class Comm:
 
     def all_reduce_async(self, t: torch.Tensor, phase: str, group=None, op: str = "all_reduce"):
         """Launch an all-reduce (sum); :meth:`finish` waits for it."""
-        self._log(phase, op, t)
+        self._log(phase, op, t, group=group)
         g = self.group if group is None else group
         return dist.all_reduce(t, group=g, async_op=True), f"all-reduce {phase}", self._ranks(group)
 
@@ -124,26 +136,51 @@ class Comm:
         self.finish(self.all_reduce_async(t, phase, group))
         return t
 
-    def local_bytes(self) -> dict[str, int]:
+    def local_bytes(self, wire: bool = False) -> dict[str, int]:
+        """This rank's records per phase: logical payloads, or with ``wire`` the bytes this
+        rank itself sent on the wire (not collective: no other rank is asked)."""
         out: dict[str, int] = {}
         for r in self.records:
-            out[r.phase] = out.get(r.phase, 0) + r.bytes
+            out[r.phase] = out.get(r.phase, 0) + (r.wire if wire else r.bytes)
         return out
 
     def totals(self) -> dict[str, int]:
-        """Bytes per phase over the whole group (collective): sends and dp all-reduces
-        summed over the group's ranks (each has its own), other collectives counted once."""
-        mine = {"per_rank": {}, "coll": {}}
+        """Logical payload bytes per phase over the whole group (collective): sends and
+        dp all-reduces summed over the group's ranks (each has its own), other collectives
+        counted once. Not what the wire carries: see :meth:`traffic`."""
+        return self.traffic()["logical"]
+
+    def traffic(self) -> dict:
+        """The group's account of the records (collective over the group): ``logical``
+        as :meth:`totals`; ``wire`` and ``messages``: per rank of the group, the bytes
+        and transport messages it sent per phase
+        (:func:`~lbi_fx.distributed.traffic.wire_bytes`).
+        :func:`~lbi_fx.distributed.traffic.step_bytes` turns it into a step's account."""
+        mine: dict = {"per_rank": {}, "coll": {}, "wire": {}, "messages": {}}
         for r in self.records:
             d = mine["per_rank" if r.op in _PER_RANK_OPS else "coll"]
             d[r.phase] = d.get(r.phase, 0) + r.bytes
+            mine["wire"][r.phase] = mine["wire"].get(r.phase, 0) + r.wire
+            mine["messages"][r.phase] = mine["messages"].get(r.phase, 0) + r.messages
         every: list = [None] * self.world
         dist.all_gather_object(every, mine, group=self.group)
         out: dict[str, int] = dict(every[0]["coll"])
         for e in every:
             for ph, b in e["per_rank"].items():
                 out[ph] = out.get(ph, 0) + b
-        return out
+        return {"logical": out, "wire": [e["wire"] for e in every],
+                "messages": [e["messages"] for e in every]}
+
+
+def _backend(group, t: torch.Tensor) -> str:
+    """The backend that runs a collective on ``t`` over ``group``: ``nccl`` for a CUDA
+    tensor on a group that has it, else ``gloo`` (whose algorithms
+    :func:`~lbi_fx.distributed.traffic.wire_bytes` also assumes for any other backend)."""
+    try:
+        name = str(dist.get_backend(group))
+    except (RuntimeError, ValueError):
+        return "gloo"
+    return "nccl" if "nccl" in name and t.is_cuda else "gloo"
 
 
 def sync_from_rank0(comm: Comm, module: nn.Module, group=None) -> None:

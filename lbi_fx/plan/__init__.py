@@ -32,8 +32,10 @@ so it overstates the slowdown of short phases (pipeline micro-batches) more than
 ones (LBI's J_k).
 
 Bytes: every exchange's payload from the profiled shapes, with ``Comm``'s accounting
-(:func:`lbi_bytes`, :func:`pipeline_bytes`; ``tests/test_plan.py`` holds them equal to a
-real 2-rank run's ``Comm.totals()``).
+(:func:`lbi_bytes`, :func:`pipeline_bytes`: logical payloads, ``Comm.totals()``'s
+accounting) and on the wire (:func:`lbi_wire_bytes`, :func:`pipeline_wire_bytes`:
+``step_bytes``' accounting, what the simulated link carries and the report prints);
+``tests/test_plan.py`` holds both equal to a real 2-rank run's.
 
 Prediction (:func:`simulate`): a discrete-event simulation of single-threaded ranks
 running their op lists in the schedule's order (``gpipe_program``, ``one_f_one_b_program``
@@ -112,8 +114,10 @@ from lbi_fx.plan.traffic import (
     lbi_bytes,
     lbi_shared_params,
     lbi_widths,
+    lbi_wire_bytes,
     pipeline_bytes,
     pipeline_shared_params,
+    pipeline_wire_bytes,
 )
 
 __all__ = [
@@ -121,9 +125,9 @@ __all__ = [
     "LOSS_PIPE_BYTES", "METHODS", "PIPELINES", "UNSHAPED", "Collective", "Compute", "Config",
     "LBIRank", "Link", "Op", "Recv", "Send", "Simulation", "Testbed", "Wait", "add_arguments",
     "config", "config_from_crossover", "contention_probe", "crossover", "dense_program",
-    "gpipe_program", "lbi_bytes", "lbi_program", "lbi_shared_params", "lbi_widths", "main",
-    "method_bytes", "one_f_one_b_program", "parse_size", "pipeline_bytes", "pipeline_overhead",
-    "pipeline_shared_params", "predict", "predict_cell", "profile", "profile_dense",
+    "gpipe_program", "lbi_bytes", "lbi_program", "lbi_shared_params", "lbi_widths",
+    "lbi_wire_bytes", "main", "method_bytes", "one_f_one_b_program", "parse_size",
+    "pipeline_bytes", "pipeline_overhead", "pipeline_shared_params", "pipeline_wire_bytes", "predict", "predict_cell", "profile", "profile_dense",
     "profile_lbi", "profile_pipeline", "programs_for", "read_crossover", "report", "run",
     "simulate", "validate",
 ]

@@ -27,7 +27,7 @@ from lbi_fx.plan.schedules import (
 )
 from lbi_fx.plan.simulator import Op, Simulation
 from lbi_fx.plan.testbed import Testbed
-from lbi_fx.plan.traffic import bucket_bytes, lbi_bytes, pipeline_bytes
+from lbi_fx.plan.traffic import bucket_bytes, lbi_wire_bytes, pipeline_wire_bytes
 
 METHODS = ("dense", "gpipe", "1f1b", "lbi_shared", "lbi_shared_relay", "lbi_per_region",
            "lbi_per_region_relay")
@@ -83,17 +83,19 @@ def _per_b(per: dict, b: int, default=None):
 
 
 def method_bytes(prof: dict, method: str) -> dict:
-    """Bytes per phase of one step of ``method`` (``Comm.totals()``'s accounting)."""
+    """Bytes per phase of one step of ``method`` on the wire, all ranks (``step_bytes``'
+    accounting: what the simulated link carries)."""
     cfg = prof["config"]
     if method == "dense":
         return {}
     if method in PIPELINES:
         p = prof["pipeline"]
-        return pipeline_bytes(cfg["batch"], p["act_per_row"], cfg["world"], p["shared"], p["elem"])
+        return pipeline_wire_bytes(cfg["batch"], p["act_per_row"], cfg["world"], p["shared"],
+                                   p["elem"])
     canvas, exchange = _lbi_variant(method)
     p = prof["lbi"][canvas]
-    return lbi_bytes(cfg["batch"], p["widths"], p["r_max"], p["place"], exchange, p["shared"],
-                     p["elem"])
+    return lbi_wire_bytes(cfg["batch"], p["widths"], p["r_max"], p["place"], exchange,
+                          p["shared"], p["elem"])
 
 
 def predict_cell(prof: dict, method: str, M: int, tb: Testbed,

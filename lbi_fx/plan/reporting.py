@@ -36,7 +36,8 @@ def report(res: dict) -> str:
             cells.append("-" if t is None else f"{t['step_s']:.4f} (M={t['microbatches']})")
         lines.append(f"{rate:<10}" + "".join(f"{x:>22}" for x in cells)
                      + f"   {LABELS[res['fastest'][rate]]}")
-    lines.append("bytes per step (Comm.totals accounting):")
+    lines.append("bytes per step on the wire, all ranks (step_bytes accounting; headers "
+                 "left out):")
     for m in methods:
         if res["bytes"][m]:
             b = res["bytes"][m]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from lbi_fx.distributed.traffic import wire_total
 from lbi_fx.errors import InputError
 from lbi_fx.plan.simulator import Collective, Compute, Op, Recv, Send, Wait
 from lbi_fx.plan.traffic import LOSS_LBI_BYTES, LOSS_PIPE_BYTES
@@ -22,10 +23,11 @@ def dense_program(step_s: float) -> list[list[Op]]:
 
 
 def _grad_allreduce(W: int, grad_bytes: float) -> list[Op]:
-    """The shared-gradient all-reduce (ring: 2 (W - 1) n bytes, 2 (W - 1) rounds), if any."""
+    """The shared-gradient all-reduce (ring: 2 (W - 1) n bytes on the wire, 2 (W - 1)
+    rounds), if any."""
     if not grad_bytes or W == 1:
         return []
-    return [Collective("grad_allreduce", 2 * (W - 1) * grad_bytes, 2 * (W - 1))]
+    return [Collective("grad_allreduce", wire_total("all_reduce", grad_bytes, W), 2 * (W - 1))]
 
 
 def gpipe_program(fwd: Sequence[float], bwd: Sequence[float], M: int, act_bytes: float,
@@ -70,7 +72,8 @@ def gpipe_program(fwd: Sequence[float], bwd: Sequence[float], M: int, act_bytes:
 def _pipeline_tail(W: int, grad_bytes: float) -> list[Op]:
     if W == 1:
         return []
-    return _grad_allreduce(W, grad_bytes) + [Collective("loss", (W - 1) * LOSS_PIPE_BYTES)]
+    return _grad_allreduce(W, grad_bytes) + [Collective("loss",
+                                                        wire_total("broadcast", LOSS_PIPE_BYTES, W))]
 
 
 def one_f_one_b_program(fwd: Sequence[float], bwd: Sequence[float], M: int,
@@ -191,9 +194,10 @@ def lbi_program(ranks: Sequence[LBIRank], place: Sequence[Sequence[int]],
                 ops.append(Wait((f"m{i}:{j + 1}",)))
         if exchange == "allgather":
             slots = max(len(p) for p in place)
-            ops.append(Collective("scan_allgather", W * (W - 1) * B * slots * r_max * r_max * elem,
-                                  max(W - 1, 1)))
-            ops.append(Collective("mbar_broadcast", (W - 1) * B * widths[K - 1] * elem))
+            ops.append(Collective("scan_allgather", wire_total(
+                "all_gather", W * B * slots * r_max * r_max * elem, W), max(W - 1, 1)))
+            ops.append(Collective("mbar_broadcast",
+                                  wire_total("broadcast", B * widths[K - 1] * elem, W)))
             if k0 < K - 1:
                 ops.append(Compute(t.scan.get("allgather", 0.0), "scan"))
         elif exchange == "relay":
@@ -209,6 +213,7 @@ def lbi_program(ranks: Sequence[LBIRank], place: Sequence[Sequence[int]],
         ops.append(Compute(M * t.local, "local"))
         ops.append(Compute(M * t.prologue_bwd, "prologue_bwd"))
         ops += _grad_allreduce(W, grad_bytes)
-        ops.append(Collective("loss", 2 * (W - 1) * LOSS_LBI_BYTES, max(2 * (W - 1), 1)))
+        ops.append(Collective("loss", wire_total("all_reduce", LOSS_LBI_BYTES, W),
+                              max(2 * (W - 1), 1)))
         progs.append(ops)
     return progs

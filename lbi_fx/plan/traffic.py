@@ -1,6 +1,9 @@
-"""Bytes per step of each parallel method, from the profiled shapes, with ``Comm``'s
-accounting (sends summed over ranks, collectives once); ``tests/test_plan.py`` holds them
-equal to a real 2-rank run's ``Comm.totals()``.
+"""Bytes per step of each parallel method, from the profiled shapes: the logical payloads
+with ``Comm.totals()``'s accounting (sends summed over ranks, collectives once), and the
+bytes on the wire (``step_bytes``' accounting: what all ranks send, an all-reduce over W
+ranks 2 (W - 1) times its buffer, :func:`~lbi_fx.distributed.traffic.wire_total`), which
+the schedule programs put on the simulated link; ``tests/test_plan.py`` holds both equal to
+a real run's.
 
 Why a module of its own: the payload formulas and the shared-parameter accounting (which
 parameters a runner all-reduces) are shared by the byte report and the schedule programs.
@@ -12,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from lbi_fx.distributed.traffic import wire_total
+
 LOSS_LBI_BYTES = 3 * 8   # RegionParallel._loss: (loss, B, B^2) in float64
 LOSS_PIPE_BYTES = 8      # PipelineRunner.step: the loss broadcast, float64
 
@@ -20,6 +25,33 @@ def bucket_bytes(buckets: Sequence[Sequence[int]]) -> int:
     """``_flat_by_dtype``'s buffers: (numel, params, bytes per element) per dtype; one flag
     element per parameter."""
     return sum((numel + count) * es for numel, count, es in buckets)
+
+
+# the collective (or send) each phase is, for its bytes on the wire
+LBI_PHASE_OPS = {"forward_m": "send", "mbar_relay": "send", "scan_allgather": "all_gather",
+                 "mbar_broadcast": "broadcast", "grad_allreduce": "all_reduce",
+                 "grad_rows": "all_reduce", "loss": "all_reduce"}
+PIPE_PHASE_OPS = {"pipe_forward_act": "send", "pipe_backward_grad": "send",
+                  "grad_allreduce": "all_reduce", "loss": "broadcast"}
+
+
+def on_wire(phases: dict, world: int, ops: dict) -> dict:
+    """Logical bytes per phase -> what all ``world`` ranks send for them (every collective
+    over all the ranks, as ``RegionParallel`` and ``PipelineRunner`` run them)."""
+    return {ph: wire_total(ops[ph], b, world) for ph, b in phases.items()}
+
+
+def lbi_wire_bytes(B: int, widths: Sequence[int], r_max: int, place: Sequence[Sequence[int]],
+                   exchange: str, shared: Sequence[Sequence[int]] = (), elem: int = 4) -> dict:
+    """:func:`lbi_bytes` on the wire (``step_bytes(...)["by_phase"]``)."""
+    return on_wire(lbi_bytes(B, widths, r_max, place, exchange, shared, elem), len(place),
+                   LBI_PHASE_OPS)
+
+
+def pipeline_wire_bytes(B: int, act_per_row: int, world: int,
+                        shared: Sequence[Sequence[int]] = (), elem: int = 4) -> dict:
+    """:func:`pipeline_bytes` on the wire (``step_bytes(...)["by_phase"]``)."""
+    return on_wire(pipeline_bytes(B, act_per_row, world, shared, elem), world, PIPE_PHASE_OPS)
 
 
 def lbi_bytes(B: int, widths: Sequence[int], r_max: int, place: Sequence[Sequence[int]],
