@@ -219,6 +219,7 @@ def broadcast_held(comm: Comm, named: dict[str, torch.Tensor], holders: dict[str
                 continue
             buf = t.data if t.device.type != "meta" else torch.empty(
                 t.shape, dtype=t.dtype, device=device)
-            comm._log("init_broadcast", "broadcast", buf)
+            comm._log("init_broadcast", "broadcast", buf, group=g,
+                      root=dist.get_group_rank(g, src) if g is not None else src)
             work = dist.broadcast(buf, src, group=g, async_op=True)
             comm.wait(work, "broadcast init_broadcast", comm._ranks(g))
