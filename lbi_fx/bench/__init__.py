@@ -21,6 +21,7 @@ BENCHES: dict[str, str] = {
     "comm": "comm",
     "pgf": "pgf",
     "crossover": "crossover",
+    "memory": "memory",
 }
 
 
