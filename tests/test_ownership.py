@@ -283,3 +283,22 @@ def test_step_before_to_empty_is_refused():
         assert not [n for n, p in rp.named_parameters() if p.grad is None]
     finally:
         dist.destroy_process_group()
+
+
+def test_bench_memory_divides_what_a_rank_holds(capsys):
+    """``lbi-fx bench memory`` on a tiny GPT: a region rank and a pipeline stage each hold
+    and grow less than the single process, and the expected bytes follow the held ones."""
+    from lbi_fx.bench import memory
+
+    assert memory.main(["--width", "64", "--heads", "2", "--layers", "4", "--ranks", "2",
+                        "--steps", "1", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    rows = res["rows"]
+    single = next(r for r in rows if r["kind"] == "single")
+    assert single["error"] is None and single["held"] >= res["whole_bytes"]
+    for kind in ("lbi", "pipeline-gpipe"):
+        mine = [r for r in rows if r["kind"] == kind]
+        assert len(mine) == 2 and all(r["error"] is None for r in mine), mine
+        assert all(r["held"] < 0.75 * single["held"] for r in mine), mine
+        assert all(r["expected"] == r["held"] + 3 * r["params"] for r in mine)
+        assert all(math.isfinite(r["loss"]) for r in mine)

@@ -94,15 +94,16 @@ def _run_kind(cfg: dict, kind: str, measure: bool) -> dict:
                                            _regions(cfg["layers"], k)],
                                    rank=cfg["rank"], pool="mean", jacobian="reuse",
                                    canvas_weights="per_region", example_inputs=(idx,))
-        rp = RegionParallel(lbi, timeout=3600.0)
+        rp = RegionParallel(lbi, timeout=3600.0, microbatches=cfg["microbatches"],
+                            exchange="relay")
         rp.to_empty(device="cpu").init_weights(seed=0)
         params, held = list(rp.parameters()), rp.held_bytes()
 
         def step():
             return rp.step((idx,), _loss, target=tgt)
     else:
-        runner = PipelineRunner(model, _regions(cfg["layers"], k), schedule="gpipe",
-                                microbatches=1, loss_fn=_loss)
+        runner = PipelineRunner(model, _regions(cfg["layers"], k), schedule=kind.split("-")[1],
+                                microbatches=cfg["microbatches"], loss_fn=_loss)
         runner.to_empty(device="cpu").init_weights(seed=0)
         params, held = list(runner.parameters()), runner.held_bytes()
 
@@ -116,7 +117,7 @@ def _run_kind(cfg: dict, kind: str, measure: bool) -> dict:
         if step is None:
             loss = _loss(model(idx), tgt)
             loss.backward()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         else:
             losses.append(step())
         opt.step()
@@ -177,7 +178,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rank", type=int, default=3, help="interface rank (pool mean)")
     ap.add_argument("--ranks", default="2,3,4", help="numbers of region ranks / stages")
     ap.add_argument("--steps", type=int, default=2, help="training steps each (default 2)")
-    ap.add_argument("--no-pipeline", action="store_true", help="skip the pipeline rows")
+    ap.add_argument("--schedules", default="gpipe",
+                    help="pipeline schedules to compare, comma-separated: gpipe, 1f1b, or none")
+    ap.add_argument("--microbatches", type=int, default=1,
+                    help="micro-batches per step, LBI and pipelines alike (default 1)")
     ap.add_argument("--budget", type=float, default=None,
                     help="GiB of address space each process may grow by (RLIMIT_AS)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -197,19 +201,28 @@ def run(a: argparse.Namespace) -> int:
     from lbi_fx.cli.common import int_list
 
     ks = int_list(a.ranks, "--ranks")
+    schedules = [] if a.schedules == "none" else a.schedules.split(",")
+    bad = [x for x in schedules if x not in ("gpipe", "1f1b")]
+    if bad:
+        raise InputError(f"--schedules {a.schedules}: choose from gpipe, 1f1b (or none)")
+    if a.batch % a.microbatches:
+        raise InputError(f"--batch {a.batch} does not split into --microbatches {a.microbatches}")
+    if "1f1b" in schedules and any(a.microbatches < k for k in ks):
+        raise InputError(f"--schedules 1f1b needs --microbatches >= every --ranks ({a.ranks})")
     if a.width % a.heads:
         raise InputError(f"--width {a.width} is not a multiple of --heads {a.heads}")
     if any(k < 2 or k > a.layers for k in ks):
         raise InputError(f"--ranks {a.ranks}: each between 2 and --layers ({a.layers})")
     cfg = dict(width=a.width, layers=a.layers, heads=a.heads, seq=a.seq, batch=a.batch,
-               rank=a.rank, steps=a.steps, budget=a.budget, threads=a.threads, k=1)
+               rank=a.rank, steps=a.steps, budget=a.budget, threads=a.threads, k=1,
+               microbatches=a.microbatches)
     whole = sum(t.numel() * t.element_size() for t in _gpt(cfg, meta=True).parameters())
     rows = []
     from lbi_fx.bench.link import shaped_loopback
 
     with tempfile.TemporaryDirectory() as out, shaped_loopback(a.rate):
         plan = [("single", 1)] + [(kind, k) for k in ks
-                                  for kind in (("lbi",) if a.no_pipeline else ("lbi", "pipeline"))]
+                                  for kind in ("lbi", *(f"pipeline-{s}" for s in schedules))]
         for kind, k in plan:
             res = _spawn(kind, k, dict(cfg, k=k), out)
             for r in res:
@@ -233,8 +246,8 @@ def run(a: argparse.Namespace) -> int:
     print(f"{'run':<18}{'rank':>5}{'holds GiB':>11}{'expected GiB':>14}{'peak GiB':>10}"
           f"{'x 1 process':>13}{'step s':>8}  status")
     for r in rows:
-        name = {"single": "1 process", "lbi": f"LBI, {r['k']} ranks",
-                "pipeline": f"pipeline, {r['k']} st."}[r["kind"]]
+        name = ("1 process" if r["kind"] == "single" else f"LBI, {r['k']} ranks"
+                if r["kind"] == "lbi" else f"{r['kind'].split('-')[1]}, {r['k']} stages")
         f = (lambda v: "-" if v is None else f"{v / gib:.2f}")  # noqa: E731
         print(f"{name:<18}{r['rank']:>5}{f(r['held']):>11}{f(r['expected']):>14}"
               f"{f(r['peak_growth']):>10}"

@@ -103,8 +103,17 @@ def _sum_shared(comm: Comm, params: Sequence[nn.Parameter], prev: dict | None = 
 
 
 def _add_grad(p: torch.Tensor, g: torch.Tensor | None) -> None:
-    if g is not None:
-        p.grad = g.detach().clone() if p.grad is None else p.grad + g
+    """Accumulate ``g`` into ``p.grad``. A fresh gradient (not a view of another tensor) is
+    taken as it is: cloning it would hold a second copy of the region's gradients at the
+    peak, as much memory again as the parameters this rank trains."""
+    if g is None:
+        return
+    if p.grad is not None:
+        p.grad = p.grad + g
+    elif g._base is None and not g.requires_grad and g.is_contiguous():
+        p.grad = g.detach()
+    else:
+        p.grad = g.detach().clone()
 
 
 def _reduce_touched_rows(comm: Comm, params: Sequence[nn.Parameter], group, scale: float,
