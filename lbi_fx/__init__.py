@@ -19,6 +19,7 @@ from lbi_fx.errors import (
     RegionSpecError,
     RewriteError,
     SeparatorError,
+    SequenceAxisError,
     TraceError,
 )
 from lbi_fx.interfaces import per_position
@@ -47,6 +48,7 @@ __all__ = [
     "RegionSpecError",
     "RewriteError",
     "SeparatorError",
+    "SequenceAxisError",
     "SeparatorReport",
     "TraceError",
     "composition",

@@ -32,6 +32,7 @@ def verify(
     rank: int | Sequence[int] | None = None,
     interfaces: Sequence | None = None,
     leaf_modules: Iterable[type | str] = (),
+    seq_dim: int | Sequence[int | None] | None = None,
 ) -> SeparatorReport:
     """Check the vertex-separator condition at every region boundary, and causality.
 
@@ -50,7 +51,14 @@ def verify(
 
     a = analyze(model, regions, example_inputs, leaf_modules=leaf_modules)
     report = separator_report(a.gm, a.regions, a.batch, rank=rank, interfaces=interfaces)
-    mark_seq_axes(a.gm, a.example_inputs)
+    why = mark_seq_axes(a.gm, a.example_inputs, seq_dim)
+    ia = a.gm.meta["lbi_input_axes"]
+    if not ia.unknown and not ia.any_sequence:  # images: nothing to say about causality
+        report.causality = Causality(model_causal=None, sequence=False)
+        return report
+    if ia.unknown:
+        report.causality = Causality(model_causal=None, note=why)
+        return report
     causal, leak, why = probe_causal(a.gm, a.example_inputs, **graph_axes(a.gm))
     report.causality = Causality(model_causal=causal, model_leak=leak, note=why)
     return report
@@ -78,6 +86,7 @@ def transform(
     summary: str = "prefix",
     decoder_window: int = 1,
     decoder_at: str = "first",
+    seq_dim: int | Sequence[int | None] | None = None,
 ):
     """Rewrite ``model`` into a bounded-interface model whose backward is Algorithm 1.
 
@@ -90,6 +99,9 @@ def transform(
     ``pool`` says how an interface summarises the sequence. Inputs carry it on axis 1
     (batch first); inside the model the graph says which axis of each tensor carries it
     (a second shape run at another length), so channels-first (B, D, L) works too.
+    ``seq_dim`` names the inputs' sequence axis (an int, or one int or None per tensor
+    input) where the graph does not say it (an embedding lookup, a Conv1d or a Linear
+    reading the input does; a Conv2d reads an image, which has none).
     ``"causal"`` cuts it into S = ceil(max_len / segment_len) fixed segments and carries
     S rows of ``rank`` scalars, row s summarising positions before segment s, so no
     position sees a later one; transform then probes the built model at every cut and
@@ -158,7 +170,7 @@ def transform(
     _check_float(a)
     check_batch_mixing(a.gm, K, a.batch)
     check_state_writes(a.gm, K)
-    mark_seq_axes(a.gm, a.example_inputs)
+    mark_seq_axes(a.gm, a.example_inputs, seq_dim)
     layout = choose_pool(a, pool, segment_len=segment_len, max_len=max_len, canvas=canvas)
     if summary != "prefix" and layout.segments is None:
         raise InputError(f"summary={summary!r} reads whole causal segments, but pool='auto' "
@@ -200,6 +212,7 @@ def transform(
     lbi.rank_per_row = list(ranks)
     lbi.segments = layout.segments
     lbi.model_causal = layout.model_causal
+    lbi.input_seq_axes = list(a.gm.meta["lbi_input_axes"].axes)
     probe_batch_mixing(lbi, a.example_inputs)
     if layout.pool == "causal":
         _check_built_causal(lbi, a, layout)
@@ -247,8 +260,30 @@ def choose_pool(a, pool: str, *, segment_len: int | None = None, max_len: int | 
     if pool in ("mean", "last") and (segment_len is not None or max_len is not None):
         raise InputError(f"segment_len= and max_len= shape causal interfaces; pool={pool!r} "
                          "takes neither")
-    causal, leak, why = probe_causal(a.gm, a.example_inputs, **graph_axes(a.gm))
+    from lbi_fx.errors import SequenceAxisError
+    from lbi_fx.passes.seq_axes import INPUT_AXES_KEY
+
+    ia = a.gm.meta.get(INPUT_AXES_KEY)
     canvas_node = find_canvas(a.gm, canvas)
+    if ia is not None and ia.unknown:  # the sequence axis is needed, never guessed
+        need = (f"cannot tell the sequence axis of {ia.describe_unknown()}; name it with "
+                "transform(..., seq_dim=<axis>) (one int, or one per tensor input; None for "
+                "an input without one)")
+        if pool == "causal" or max_len is not None or segment_len is not None:
+            raise SequenceAxisError(f"pool={pool!r} needs the inputs' sequence axis: {need}")
+        if pool == "auto":
+            warnings.warn(f"lbi-fx: pool='auto' cannot probe causality: {need}; using "
+                          "pool='mean', through which later positions reach earlier ones "
+                          "if the model is causal", CausalityWarning, stacklevel=3)
+        return PoolChoice("mean" if pool == "auto" else pool, None, None)
+    if ia is not None and not ia.any_sequence and pool != "causal":
+        # images: no sequence, nothing causal to probe or say (pool='causal' is refused
+        # below: the canvas has no sequence axis)
+        if max_len is not None or segment_len is not None:
+            raise SequenceAxisError("segment_len= and max_len= bound a sequence axis, and no "
+                                    "input has one; drop them or name it with seq_dim=")
+        return PoolChoice("mean" if pool == "auto" else pool, None, None)
+    causal, leak, why = probe_causal(a.gm, a.example_inputs, **graph_axes(a.gm))
     crossings = crossing_sets(a.gm, a.num_regions)
     problem = causal_layout_problem(canvas_node, crossings)
     if problem is None and causal and pool in ("auto", "causal"):
@@ -336,18 +371,31 @@ def _has_sequence(canvas_node) -> bool:
 
 def _check_built_causal(lbi, a, layout: PoolChoice) -> None:
     """Probe the built model over every cut: a causal pool must leave outputs at positions
-    < t unchanged when inputs at positions >= t change. A leak in a rewrite of a causal
-    model is lbi-fx's bug; in a model that is not (or not known to be) causal it is the
-    model's own, which causal interfaces cannot remove."""
-    from lbi_fx.causality import CAUSAL_TOL, graph_axes, probe_causal
+    < t unchanged when inputs at positions >= t change. The probe runs on a copy whose
+    interface weights are random and non-zero (``causality.with_live_interfaces``), so
+    zero-initialised decoders cannot hide a leak that training would open. A leak in a
+    rewrite of a causal model is lbi-fx's bug; in a model that is not (or not known to
+    be) causal it is the model's own, which causal interfaces cannot remove. Either way
+    the message names the interface modules the leak runs through."""
+    from lbi_fx.causality import (
+        CAUSAL_TOL,
+        graph_axes,
+        leaking_interfaces,
+        probe_causal,
+        with_live_interfaces,
+    )
     from lbi_fx.errors import InternalError
 
-    causal, leak, _ = probe_causal(lbi, a.example_inputs, **graph_axes(a.gm))
+    live = with_live_interfaces(lbi)
+    axes = graph_axes(a.gm)
+    causal, leak, _ = probe_causal(live, a.example_inputs, **axes)
     if causal is not False:
         return  # causal, or the probe cannot run the model (no per-position output)
-    what = (f"the model built with pool='causal' leaks: its outputs at positions < t move by "
-            f"{leak:.1e} (relative; tolerance {CAUSAL_TOL:.0e}) when the inputs at positions >= "
-            "t change")
+    through = leaking_interfaces(live, a.example_inputs, **axes)
+    what = (f"the model built with pool='causal' leaks: with non-zero interface weights its "
+            f"outputs at positions < t move by {leak:.1e} (relative; tolerance "
+            f"{CAUSAL_TOL:.0e}) when the inputs at positions >= t change"
+            + (f", through {', '.join(through)}" if through else ""))
     if layout.model_causal:
         raise InternalError(f"{what}, although the captured model does not")
     model = ("reads later positions itself" if layout.model_causal is False

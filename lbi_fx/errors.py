@@ -15,6 +15,12 @@ class InputError(LBIError):
     """``example_inputs`` or another argument is missing or malformed."""
 
 
+class SequenceAxisError(InputError):
+    """An input's sequence axis is needed (``pool="causal"``, ``max_len``) but neither the
+    graph says it (an embedding lookup, a Conv1d, a Linear reading the input) nor
+    ``seq_dim=`` names it."""
+
+
 class RegionSpecError(LBIError):
     """The region spec does not describe a valid, topologically ordered partition."""
 
