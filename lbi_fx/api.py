@@ -213,11 +213,23 @@ def transform(
     lbi.segments = layout.segments
     lbi.model_causal = layout.model_causal
     lbi.input_seq_axes = list(a.gm.meta["lbi_input_axes"].axes)
+    _watch_original_hooks(lbi, model)
     probe_batch_mixing(lbi, a.example_inputs)
     if layout.pool == "causal":
         _check_built_causal(lbi, a, layout)
     trial_backward(lbi, a.example_inputs)
     return lbi
+
+
+def _watch_original_hooks(lbi, model) -> None:
+    """Hooks added later to the original model's traced-through blocks would never run
+    in ``lbi`` either: ``lbi`` refuses them at forward, naming the module."""
+    from lbi_fx.module.state import traced_through
+
+    if isinstance(model, nn.Module):
+        mods = {p: m for p, m in traced_through(lbi._flat_graph, model).items()
+                if all(m is not w[1] for w in lbi._hook_watch)}
+        lbi._watch_hooks(mods, original=True)
 
 
 def _check_float(a) -> None:

@@ -46,6 +46,11 @@ class ModeError(LBIError):
     capture branches on ``self.training``); transform the model again in that mode."""
 
 
+class HookError(LBIError):
+    """A hook on a submodule the capture traced through (its code is inlined in the
+    region programs, the module itself is never called), so it would never run."""
+
+
 class NonFiniteError(LBIError):
     """A NaN or Inf appeared where ``check_finite=True`` forbids it."""
 
