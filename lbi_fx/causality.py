@@ -143,14 +143,38 @@ def _restore_buffers(model: nn.Module):
     return restore
 
 
+def _captured_axes(model: nn.Module, example_inputs: Sequence[object]) -> list | None:
+    """The inputs' sequence axes as the ops of ``model``'s captured graph say them
+    (``passes.seq_axes.derive_input_axes``); None where the capture fails or an axis is
+    unknown (the shape default then applies: ids (B, L), features (B, L, ..., D))."""
+    from lbi_fx.passes.capture import capture
+    from lbi_fx.passes.seq_axes import derive_input_axes
+    from lbi_fx.passes.shape_prop import propagate_shapes
+
+    restore = _restore_buffers(model)
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), torch.random.fork_rng(devices=[]):
+            warnings.simplefilter("ignore")
+            gm = capture(model, example_inputs)
+            propagate_shapes(gm, example_inputs)
+            ia = derive_input_axes(gm, example_inputs)
+    except Exception:  # noqa: BLE001 - a model the capture cannot take: the default
+        return None
+    finally:
+        restore()
+    return None if ia.unknown else list(ia.axes)
+
+
 def _module_axes(model: nn.Module, example_inputs: Sequence[object], seed: int) -> tuple:
     """(seq_inputs, output_axes) from running the model one position longer (or shorter):
     the output axes whose size follows the length are its sequence axes. (None, None)
     where the model runs at one length only (the shape heuristics then apply)."""
     from lbi_fx.passes.seq_axes import resize_sequence, sequence_length
 
-    given = getattr(model, "input_seq_axes", None)  # an LBI module: what transform derived
     tensors = [x for x in pytree.tree_leaves(list(example_inputs)) if isinstance(x, torch.Tensor)]
+    given = getattr(model, "input_seq_axes", None)  # an LBI module: what transform derived
+    if given is None:
+        given = _captured_axes(model, example_inputs)
     if given is not None and len(given) == len(tensors):
         flags = list(given)
         length = next((int(x.shape[a]) for x, a in zip(tensors, flags) if a is not None), None)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lbi_fx
+import lbi_fx.testing
 from lbi_fx.causality import causal_leak
 
 
@@ -124,6 +125,7 @@ def test_channels_first_signal_is_causal_along_its_length_not_its_channels():
     with torch.no_grad():
         assert torch.equal(lbi(later)[:, :47], lbi(x)[:, :47])  # position 47 reaches no earlier
     assert causal_leak(lbi, ex) == 0.0
+    assert lbi_fx.testing.causal_leak(Signal().double(), ex) == 0.0  # the dense model, too
     rep = lbi_fx.verify(Signal().double(), lbi_fx.every(2, "layers"), example_inputs=ex)
     assert rep.causality.model_causal is True
     assert "unknown" not in str(rep.causality)
