@@ -42,7 +42,7 @@ _KEEP = {
     "_to_copy", "alias", "lift_fresh_copy", "sqrt", "rsqrt", "pow", "clamp", "softplus",
 }
 _KEEP_MODULES = (nn.Dropout, nn.Identity, nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
-                 nn.ConstantPad1d, nn.ZeroPad1d if hasattr(nn, "ZeroPad1d") else nn.Identity)
+                 nn.ConstantPad1d, nn.ZeroPad1d)
 
 
 def _op_name(node: fx.Node) -> str:
@@ -143,7 +143,7 @@ def _follow(node: fx.Node, user: fx.Node, axes: list, gm: fx.GraphModule) -> lis
 
 def _facts(gm: fx.GraphModule, placeholder: fx.Node, dim: int) -> set:
     """What the ops reading ``placeholder`` (through axis-keeping ops) say its sequence
-    axis is: a set of ("seq", axis), ("none",) and ("ambiguous", why) entries."""
+    axis is: a set of ("seq", axis, which op), ("none", why) and ("ambiguous", why)."""
     found: set = set()
     stack = [(placeholder, list(range(dim)))]
     seen = set()
@@ -159,7 +159,7 @@ def _facts(gm: fx.GraphModule, placeholder: fx.Node, dim: int) -> set:
                 if carried is not None:
                     stack.append((user, carried))
                 continue
-            rest = [a for a in axes[1:]]  # every axis but batch
+            rest = list(axes[1:])  # every axis but batch
             if meaning == "image":
                 found.add(("none", f"{_module_name(user)} reads it as an image (B, C, H, W)"))
                 continue
@@ -228,7 +228,7 @@ def normalize_seq_dim(seq_dim, n: int) -> list | None:
     one entry per tensor input (an int, or None: no sequence axis)."""
     if seq_dim is None:
         return None
-    if isinstance(seq_dim, int) and not isinstance(seq_dim, bool):
+    if isinstance(seq_dim, int) and not isinstance(seq_dim, bool) and seq_dim != 0:
         return [seq_dim] * n
     if isinstance(seq_dim, (list, tuple)) and len(seq_dim) == n and all(
             d is None or (isinstance(d, int) and not isinstance(d, bool)) for d in seq_dim):
@@ -265,20 +265,22 @@ def derive_input_axes(gm: fx.GraphModule, example_inputs: Sequence[object],
     how = [""] * len(tensors)
     pending = []
     for i, x in enumerate(tensors):
-        if given is not None and (given[i] is not None or not isinstance(seq_dim, int)):
-            d = given[i]
-            if d is not None:
-                a = _arg_axis(d, x.dim())
-                if a is None or a == 0:
-                    if isinstance(seq_dim, int) and x.dim() <= 1:
-                        how[i] = "no sequence axis (seq_dim)"
-                        continue
-                    raise InputError(
-                        f"seq_dim={d} for input {names[i]!r} of shape {shapes[i]}: name an "
-                        "axis other than batch (axis 0)")
+        if isinstance(seq_dim, int) and not isinstance(seq_dim, bool):
+            a = _arg_axis(seq_dim, x.dim())
+            if a is not None and a > 0:  # one int: every input that has that axis
                 axes[i], how[i] = a, "seq_dim"
-            else:
+                continue
+        elif given is not None:  # one entry per input: exactly as named
+            d = given[i]
+            if d is None:
                 how[i] = "no sequence axis (seq_dim)"
+                continue
+            a = _arg_axis(d, x.dim())
+            if a is None or a == 0:
+                raise InputError(
+                    f"seq_dim={d} for input {names[i]!r} of shape {shapes[i]}: name an axis "
+                    "other than batch (axis 0), or None for an input without a sequence")
+            axes[i], how[i] = a, "seq_dim"
             continue
         if x.dim() < 2:
             how[i] = "no sequence axis (a (B,) tensor)"
