@@ -383,8 +383,8 @@ def _has_sequence(canvas_node) -> bool:
 
 def _check_built_causal(lbi, a, layout: PoolChoice) -> None:
     """Probe the built model over every cut: a causal pool must leave outputs at positions
-    < t unchanged when inputs at positions >= t change. The probe runs on a copy whose
-    interface weights are random and non-zero (``causality.with_live_interfaces``), so
+    < t unchanged when inputs at positions >= t change. The probe runs while the
+    interface weights are random and non-zero (``causality.live_interfaces``), so
     zero-initialised decoders cannot hide a leak that training would open. A leak in a
     rewrite of a causal model is lbi-fx's bug; in a model that is not (or not known to
     be) causal it is the model's own, which causal interfaces cannot remove. Either way
@@ -393,17 +393,17 @@ def _check_built_causal(lbi, a, layout: PoolChoice) -> None:
         CAUSAL_TOL,
         graph_axes,
         leaking_interfaces,
+        live_interfaces,
         probe_causal,
-        with_live_interfaces,
     )
     from lbi_fx.errors import InternalError
 
-    live = with_live_interfaces(lbi)
     axes = graph_axes(a.gm)
-    causal, leak, _ = probe_causal(live, a.example_inputs, **axes)
-    if causal is not False:
-        return  # causal, or the probe cannot run the model (no per-position output)
-    through = leaking_interfaces(live, a.example_inputs, **axes)
+    with live_interfaces(lbi) as live:
+        causal, leak, _ = probe_causal(live, a.example_inputs, **axes)
+        if causal is not False:
+            return  # causal, or the probe cannot run the model (no per-position output)
+        through = leaking_interfaces(live, a.example_inputs, **axes)
     what = (f"the model built with pool='causal' leaks: with non-zero interface weights its "
             f"outputs at positions < t move by {leak:.1e} (relative; tolerance "
             f"{CAUSAL_TOL:.0e}) when the inputs at positions >= t change"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -352,29 +353,32 @@ def leaky_interfaces(lbi: nn.Module) -> list[str]:
     return out
 
 
-def with_live_interfaces(lbi: nn.Module, seed: int = 0) -> nn.Module:
-    """A deep copy of an LBI module whose interface encoders and decoders have random,
-    non-zero weights (every ``nn.Linear`` under ``lbi`` reset, biases drawn too): a
-    design that starts at zero (``decoder_init="zero"``, ``per_position()``) must not
-    pass the causality probe by being zero - training makes it non-zero."""
-    import copy
-
-    live = copy.deepcopy(lbi)
-    iface = getattr(live, "lbi", None)
-    if iface is None:
-        return live
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for mod in iface.modules():
-            if isinstance(mod, nn.Linear):
+@contextmanager
+def live_interfaces(lbi: nn.Module, seed: int = 0):
+    """Within the block, the interface encoders and decoders of an LBI module have
+    random, non-zero weights (every ``nn.Linear`` under ``lbi`` reset, biases drawn too;
+    the weights are restored after): a design that starts at zero
+    (``decoder_init="zero"``, ``per_position()``) must not pass the causality probe by
+    being zero - training makes it non-zero. In place, so no copy of the model is made."""
+    iface = getattr(lbi, "lbi", None)
+    linears = [m for m in iface.modules() if isinstance(m, nn.Linear)] if iface is not None else []
+    saved = [(p, p.detach().clone()) for m in linears for p in m.parameters()]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for mod in linears:
                 mod.reset_parameters()
                 if mod.bias is not None:
                     nn.init.uniform_(mod.bias, -1.0, 1.0)
-    return live
+        yield lbi
+    finally:
+        with torch.no_grad():
+            for p, v in saved:
+                p.copy_(v)
 
 
 def leaking_interfaces(live: nn.Module, example_inputs: Sequence[object], **axes) -> list[str]:
-    """The interface modules of ``live`` (see ``with_live_interfaces``) whose output
+    """The interface modules of ``live`` (see ``live_interfaces``) whose output
     layer, zeroed alone, stops the leak: the ones through which later positions reach
     earlier ones."""
     iface = getattr(live, "lbi", None)

@@ -71,6 +71,9 @@ def test_zero_decoders_at_every_block_stay_causal_after_training():
     ex = _ids()
     lbi = lbi_fx.transform(MixedLM().double(), lbi_fx.every(2, "layers"), example_inputs=ex,
                            decoder_at="every", **lbi_fx.per_position())
+    for name in ("dec_0_0", "dec_0_b1", "dec_1_0", "dec_1_b1"):  # the probe restored them
+        last = lbi.lbi[name].net[-1]
+        assert not last.weight.any() and not last.bias.any()
     opt = torch.optim.Adam(lbi.parameters(), lr=1e-2)
     for _ in range(5):
         loss = lbi(ex[0]).pow(2).mean()
