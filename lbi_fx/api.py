@@ -40,7 +40,8 @@ def verify(
     sample (Def. 2.4); with ``interfaces=[...]`` (one module path or node per boundary)
     it holds iff removing those outputs cuts every dynamic path (Def. A.1). A model
     returned by ``transform`` carries its own regions and rank. ``report.causality`` says
-    whether the model (and its LBI rewrite) is causal along axis 1, measured by a probe.
+    whether the model (and its LBI rewrite) is causal along its inputs' sequence axes
+    (from the graph, or ``seq_dim``), measured by a probe; nothing for images.
     """
     if hasattr(model, "lbi_verify"):
         if regions is not None:
@@ -96,12 +97,12 @@ def transform(
     weights its canvas is computed with (a tied head uses the last region's), so regions
     on different ranks all-reduce no embedding gradient (``passes/per_region_canvas.py``).
 
-    ``pool`` says how an interface summarises the sequence. Inputs carry it on axis 1
-    (batch first); inside the model the graph says which axis of each tensor carries it
-    (a second shape run at another length), so channels-first (B, D, L) works too.
-    ``seq_dim`` names the inputs' sequence axis (an int, or one int or None per tensor
-    input) where the graph does not say it (an embedding lookup, a Conv1d or a Linear
-    reading the input does; a Conv2d reads an image, which has none).
+    ``pool`` says how an interface summarises the sequence. Each input's sequence axis
+    is what the ops reading it say (an embedding lookup, a Conv1d's (B, C, L), a
+    Linear's (B, L, D); a Conv2d reads an image, which has none), or what ``seq_dim``
+    names (an int, or one int or None per tensor input) - never a guess from the shape;
+    inside the model the graph says which axis of each tensor carries it (a second shape
+    run at another length), so channels-first (B, D, L) works too.
     ``"causal"`` cuts it into S = ceil(max_len / segment_len) fixed segments and carries
     S rows of ``rank`` scalars, row s summarising positions before segment s, so no
     position sees a later one; transform then probes the built model at every cut and
