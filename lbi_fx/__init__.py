@@ -10,6 +10,7 @@ from lbi_fx.errors import (
     DistributedError,
     DistributedTimeout,
     HigherOrderError,
+    HookError,
     InputError,
     InternalError,
     LBIError,
@@ -19,6 +20,7 @@ from lbi_fx.errors import (
     RegionSpecError,
     RewriteError,
     SeparatorError,
+    SequenceAxisError,
     TraceError,
 )
 from lbi_fx.interfaces import per_position
@@ -38,6 +40,7 @@ __all__ = [
     "DistributedTimeout",
     "FallbackWarning",
     "HigherOrderError",
+    "HookError",
     "InputError",
     "InternalError",
     "LBIError",
@@ -47,6 +50,7 @@ __all__ = [
     "RegionSpecError",
     "RewriteError",
     "SeparatorError",
+    "SequenceAxisError",
     "SeparatorReport",
     "TraceError",
     "composition",

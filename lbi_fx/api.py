@@ -34,6 +34,7 @@ def verify(
     rank: int | Sequence[int] | None = None,
     interfaces: Sequence | None = None,
     leaf_modules: Iterable[type | str] = (),
+    seq_dim: int | Sequence[int | None] | None = None,
 ) -> SeparatorReport:
     """Check the vertex-separator condition at every region boundary, and causality.
 
@@ -41,7 +42,8 @@ def verify(
     sample (Def. 2.4); with ``interfaces=[...]`` (one module path or node per boundary)
     it holds iff removing those outputs cuts every dynamic path (Def. A.1). A model
     returned by ``transform`` carries its own regions and rank. ``report.causality`` says
-    whether the model (and its LBI rewrite) is causal along axis 1, measured by a probe.
+    whether the model (and its LBI rewrite) is causal along its inputs' sequence axes
+    (from the graph, or ``seq_dim``), measured by a probe; nothing for images.
     """
     if hasattr(model, "lbi_verify"):
         if regions is not None:
@@ -52,7 +54,14 @@ def verify(
 
     a = analyze(model, regions, example_inputs, leaf_modules=leaf_modules)
     report = separator_report(a.gm, a.regions, a.batch, rank=rank, interfaces=interfaces)
-    mark_seq_axes(a.gm, a.example_inputs)
+    why = mark_seq_axes(a.gm, a.example_inputs, seq_dim)
+    ia = a.gm.meta["lbi_input_axes"]
+    if not ia.unknown and not ia.any_sequence:  # images: nothing to say about causality
+        report.causality = Causality(model_causal=None, sequence=False)
+        return report
+    if ia.unknown:
+        report.causality = Causality(model_causal=None, note=why)
+        return report
     causal, leak, why = probe_causal(a.gm, a.example_inputs, **graph_axes(a.gm))
     report.causality = Causality(model_causal=causal, model_leak=leak, note=why)
     return report
@@ -80,6 +89,7 @@ def transform(
     summary: str = "prefix",
     decoder_window: int = 1,
     decoder_at: str = "first",
+    seq_dim: int | Sequence[int | None] | None = None,
 ):
     """Rewrite ``model`` into a bounded-interface model whose backward is Algorithm 1.
 
@@ -89,9 +99,12 @@ def transform(
     weights its canvas is computed with (a tied head uses the last region's), so regions
     on different ranks all-reduce no embedding gradient (``passes/per_region_canvas.py``).
 
-    ``pool`` says how an interface summarises the sequence. Inputs carry it on axis 1
-    (batch first); inside the model the graph says which axis of each tensor carries it
-    (a second shape run at another length), so channels-first (B, D, L) works too.
+    ``pool`` says how an interface summarises the sequence. Each input's sequence axis
+    is what the ops reading it say (an embedding lookup, a Conv1d's (B, C, L), a
+    Linear's (B, L, D); a Conv2d reads an image, which has none), or what ``seq_dim``
+    names (an int, or one int or None per tensor input) - never a guess from the shape;
+    inside the model the graph says which axis of each tensor carries it (a second shape
+    run at another length), so channels-first (B, D, L) works too.
     ``"causal"`` cuts it into S = ceil(max_len / segment_len) fixed segments and carries
     S rows of ``rank`` scalars, row s summarising positions before segment s, so no
     position sees a later one; transform then probes the built model at every cut and
@@ -159,7 +172,7 @@ def transform(
     _check_float(a)
     check_batch_mixing(a.gm, K, a.batch)
     check_state_writes(a.gm, K)
-    mark_seq_axes(a.gm, a.example_inputs)
+    mark_seq_axes(a.gm, a.example_inputs, seq_dim)
     layout = choose_pool(a, pool, segment_len=segment_len, max_len=max_len, canvas=canvas)
     if summary != "prefix" and layout.segments is None:
         raise InputError(f"summary={summary!r} reads whole causal segments, but pool='auto' "
@@ -201,6 +214,8 @@ def transform(
     lbi.rank_per_row = list(ranks)
     lbi.segments = layout.segments
     lbi.model_causal = layout.model_causal
+    lbi.input_seq_axes = list(a.gm.meta["lbi_input_axes"].axes)
+    _watch_original_hooks(lbi, model)
     lbi.unprobed = list(VALUE_PROBES) if meta else []
     if meta:
         return lbi
@@ -233,6 +248,17 @@ def _rewrite(a, K, ranks, layout, *, encoder, canvas, decoder_init, interface_no
     if canvas_weights == "per_region":
         per_region_canvas(a.gm, K)
     return plan, dict(a.gm.meta.get(ORIGIN_KEY, {}))
+
+
+def _watch_original_hooks(lbi, model) -> None:
+    """Hooks added later to the original model's traced-through blocks would never run
+    in ``lbi`` either: ``lbi`` refuses them at forward, naming the module."""
+    from lbi_fx.module.state import traced_through
+
+    if isinstance(model, nn.Module):
+        mods = {p: m for p, m in traced_through(lbi._flat_graph, model).items()
+                if all(m is not w[1] for w in lbi._hook_watch)}
+        lbi._watch_hooks(mods, original=True)
 
 
 def _check_float(a) -> None:
@@ -275,11 +301,33 @@ def choose_pool(a, pool: str, *, segment_len: int | None = None, max_len: int | 
     if pool in ("mean", "last") and (segment_len is not None or max_len is not None):
         raise InputError(f"segment_len= and max_len= shape causal interfaces; pool={pool!r} "
                          "takes neither")
+    from lbi_fx.errors import SequenceAxisError
+    from lbi_fx.passes.seq_axes import INPUT_AXES_KEY
+
+    ia = a.gm.meta.get(INPUT_AXES_KEY)
+    canvas_node = find_canvas(a.gm, canvas)
+    if ia is not None and ia.unknown:  # the sequence axis is needed, never guessed
+        need = (f"cannot tell the sequence axis of {ia.describe_unknown()}; name it with "
+                "transform(..., seq_dim=<axis>) (one int, or one per tensor input; None for "
+                "an input without one)")
+        if pool == "causal" or max_len is not None or segment_len is not None:
+            raise SequenceAxisError(f"pool={pool!r} needs the inputs' sequence axis: {need}")
+        if pool == "auto":
+            warnings.warn(f"lbi-fx: pool='auto' cannot probe causality: {need}; using "
+                          "pool='mean', through which later positions reach earlier ones "
+                          "if the model is causal", CausalityWarning, stacklevel=3)
+        return PoolChoice("mean" if pool == "auto" else pool, None, None)
+    if ia is not None and not ia.any_sequence and pool != "causal":
+        # images: no sequence, nothing causal to probe or say (pool='causal' is refused
+        # below: the canvas has no sequence axis)
+        if max_len is not None or segment_len is not None:
+            raise SequenceAxisError("segment_len= and max_len= bound a sequence axis, and no "
+                                    "input has one; drop them or name it with seq_dim=")
+        return PoolChoice("mean" if pool == "auto" else pool, None, None)
     if on_meta(a.gm):
         causal, leak, why = None, None, "the model is on the meta device: no values to probe"
     else:
         causal, leak, why = probe_causal(a.gm, a.example_inputs, **graph_axes(a.gm))
-    canvas_node = find_canvas(a.gm, canvas)
     crossings = crossing_sets(a.gm, a.num_regions)
     problem = causal_layout_problem(canvas_node, crossings)
     if problem is None and causal and pool in ("auto", "causal"):
@@ -367,18 +415,31 @@ def _has_sequence(canvas_node) -> bool:
 
 def _check_built_causal(lbi, a, layout: PoolChoice) -> None:
     """Probe the built model over every cut: a causal pool must leave outputs at positions
-    < t unchanged when inputs at positions >= t change. A leak in a rewrite of a causal
-    model is lbi-fx's bug; in a model that is not (or not known to be) causal it is the
-    model's own, which causal interfaces cannot remove."""
-    from lbi_fx.causality import CAUSAL_TOL, graph_axes, probe_causal
+    < t unchanged when inputs at positions >= t change. The probe runs while the
+    interface weights are random and non-zero (``causality.live_interfaces``), so
+    zero-initialised decoders cannot hide a leak that training would open. A leak in a
+    rewrite of a causal model is lbi-fx's bug; in a model that is not (or not known to
+    be) causal it is the model's own, which causal interfaces cannot remove. Either way
+    the message names the interface modules the leak runs through."""
+    from lbi_fx.causality import (
+        CAUSAL_TOL,
+        graph_axes,
+        leaking_interfaces,
+        live_interfaces,
+        probe_causal,
+    )
     from lbi_fx.errors import InternalError
 
-    causal, leak, _ = probe_causal(lbi, a.example_inputs, **graph_axes(a.gm))
-    if causal is not False:
-        return  # causal, or the probe cannot run the model (no per-position output)
-    what = (f"the model built with pool='causal' leaks: its outputs at positions < t move by "
-            f"{leak:.1e} (relative; tolerance {CAUSAL_TOL:.0e}) when the inputs at positions >= "
-            "t change")
+    axes = graph_axes(a.gm)
+    with live_interfaces(lbi) as live:
+        causal, leak, _ = probe_causal(live, a.example_inputs, **axes)
+        if causal is not False:
+            return  # causal, or the probe cannot run the model (no per-position output)
+        through = leaking_interfaces(live, a.example_inputs, **axes)
+    what = (f"the model built with pool='causal' leaks: with non-zero interface weights its "
+            f"outputs at positions < t move by {leak:.1e} (relative; tolerance "
+            f"{CAUSAL_TOL:.0e}) when the inputs at positions >= t change"
+            + (f", through {', '.join(through)}" if through else ""))
     if layout.model_causal:
         raise InternalError(f"{what}, although the captured model does not")
     model = ("reads later positions itself" if layout.model_causal is False

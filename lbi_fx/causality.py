@@ -1,8 +1,8 @@
 """Causality along the sequence axis, measured rather than assumed.
 
 A model is causal when its outputs at positions < t do not change when its inputs at
-positions >= t do (inputs carry the sequence on axis 1, batch first; outputs on the axis
-the graph says, ``passes/seq_axes.py``). lbi-fx probes that numerically at every cut t:
+positions >= t do (inputs and outputs carry the sequence on the axes the graph says or
+the user names, ``passes/seq_axes.py``; never a guess from an axis's position). lbi-fx probes that numerically at every cut t:
 it perturbs the later positions of every sequence input (integer ids are replaced by
 other ids, float inputs get Gaussian noise), reruns the model with the same RNG state,
 and measures how far earlier outputs moved. The same probe decides ``pool="auto"``,
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -39,13 +40,17 @@ class Causality:
     model_leak: float | None = None  # causal_leak of the model (relative)
     lbi_leak: float | None = None    # causal_leak of the LBI module
     note: str = ""
+    sequence: bool = True  # False: no input has a sequence axis (an image), nothing to say
 
     def to_dict(self) -> dict:
         return {"model_causal": self.model_causal, "lbi_causal": self.lbi_causal,
                 "leaks": list(self.leaks), "model_leak": self.model_leak,
-                "lbi_leak": self.lbi_leak, "note": self.note}
+                "lbi_leak": self.lbi_leak, "note": self.note, "sequence": self.sequence}
 
     def __str__(self) -> str:
+        if not self.sequence:
+            return ""
+
         def yn(v: bool | None) -> str:
             return "unknown" if v is None else "yes" if v else "NO"
 
@@ -65,17 +70,24 @@ class Causality:
 
 def _is_sequence(x: object) -> bool:
     """Ids (B, L, ...) or features (B, L, ..., D): a float (B, D) has no sequence axis
-    (the default when the graph has not said which inputs carry the sequence)."""
+    (the default for a plain module when neither the graph nor ``seq_dim`` said which
+    inputs carry the sequence)."""
     if not isinstance(x, torch.Tensor):
         return False
     floating = x.dtype.is_floating_point or x.dtype.is_complex
     return x.dim() >= (3 if floating else 2)
 
 
-def _sequence_flags(tensors: list[torch.Tensor], seq_inputs: Sequence[bool] | None) -> list[bool]:
+def _sequence_axes(tensors: list[torch.Tensor], seq_inputs: Sequence | None) -> list[int | None]:
+    """The sequence axis of every tensor input: ``seq_inputs`` holds one per tensor (an
+    int, None for none; True / False mean axis 1 / none), else the shape default."""
     if seq_inputs is not None and len(seq_inputs) == len(tensors):
-        return [bool(f) and x.dim() >= 2 for f, x in zip(seq_inputs, tensors)]
-    return [_is_sequence(x) for x in tensors]
+        out = []
+        for f, x in zip(seq_inputs, tensors):
+            a = (1 if f else None) if isinstance(f, bool) else f
+            out.append(a if isinstance(a, int) and 0 < a < x.dim() else None)
+        return out
+    return [1 if _is_sequence(x) else None for x in tensors]
 
 
 def _changed(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -132,15 +144,46 @@ def _restore_buffers(model: nn.Module):
     return restore
 
 
+def _captured_axes(model: nn.Module, example_inputs: Sequence[object]) -> list | None:
+    """The inputs' sequence axes as the ops of ``model``'s captured graph say them
+    (``passes.seq_axes.derive_input_axes``); None where the capture fails or an axis is
+    unknown (the shape default then applies: ids (B, L), features (B, L, ..., D))."""
+    from lbi_fx.passes.capture import capture
+    from lbi_fx.passes.seq_axes import derive_input_axes
+    from lbi_fx.passes.shape_prop import propagate_shapes
+
+    restore = _restore_buffers(model)
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), torch.random.fork_rng(devices=[]):
+            warnings.simplefilter("ignore")
+            gm = capture(model, example_inputs)
+            propagate_shapes(gm, example_inputs)
+            ia = derive_input_axes(gm, example_inputs)
+    except Exception:  # noqa: BLE001 - a model the capture cannot take: the default
+        return None
+    finally:
+        restore()
+    return None if ia.unknown else list(ia.axes)
+
+
 def _module_axes(model: nn.Module, example_inputs: Sequence[object], seed: int) -> tuple:
     """(seq_inputs, output_axes) from running the model one position longer (or shorter):
     the output axes whose size follows the length are its sequence axes. (None, None)
     where the model runs at one length only (the shape heuristics then apply)."""
     from lbi_fx.passes.seq_axes import resize_sequence, sequence_length
 
-    length = sequence_length(example_inputs)
+    tensors = [x for x in pytree.tree_leaves(list(example_inputs)) if isinstance(x, torch.Tensor)]
+    given = getattr(model, "input_seq_axes", None)  # an LBI module: what transform derived
+    if given is None:
+        given = _captured_axes(model, example_inputs)
+    if given is not None and len(given) == len(tensors):
+        flags = list(given)
+        length = next((int(x.shape[a]) for x, a in zip(tensors, flags) if a is not None), None)
+    else:
+        flags = None
+        length = sequence_length(example_inputs)
     if length is None:
-        return None, None
+        return (flags, None) if flags is not None else (None, None)
     restore = _restore_buffers(model)
 
     def shapes(xs):
@@ -156,21 +199,21 @@ def _module_axes(model: nn.Module, example_inputs: Sequence[object], seed: int) 
             if new < 2:
                 continue
             try:
-                other = shapes(resize_sequence(example_inputs, length, new))
+                other = shapes(resize_sequence(example_inputs, length, new, flags))
             except Exception:  # noqa: BLE001 - fixed to one length: try the other side
                 continue
             if len(other) != len(base):
                 return None, None
             axes = [tuple(i for i, (p, q) in enumerate(zip(a, b)) if p != q)
                     if len(a) == len(b) else None for a, b in zip(base, other)]
-            flags = [x.dim() >= 2 and x.shape[1] == length
-                     for x in pytree.tree_leaves(list(example_inputs)) if isinstance(x, torch.Tensor)]
+            if flags is None:
+                flags = [1 if x.dim() >= 2 and x.shape[1] == length else None for x in tensors]
             return flags, axes
     except Exception:  # noqa: BLE001 - the probe proper reports a model that does not run
-        return None, None
+        return flags, None
     finally:
         restore()
-    return None, None
+    return flags, None
 
 
 def causal_leak(model: nn.Module, example_inputs: Sequence[object], *,
@@ -181,8 +224,9 @@ def causal_leak(model: nn.Module, example_inputs: Sequence[object], *,
     relative to the output scale, over every cut t = 1..L-1 (or ``cuts``). 0.0 for a
     causal model.
 
-    Sequence inputs carry the sequence on axis 1 (``seq_inputs``: one flag per tensor
-    input, from the graph; else ids (B, L) and features (B, L, ..., D)). Every float
+    ``seq_inputs`` gives the sequence axis of every tensor input (one int or None per
+    tensor, from the graph: ``passes/seq_axes.py``; an LBI module carries what
+    ``transform`` derived; else ids (B, L) and features (B, L, ..., D) on axis 1). Every float
     output with a sequence axis is compared along it (``output_axes``: one entry per
     output tensor, from the graph; else axis 1 where it has the input's length). The
     perturbed copies go through the model together, ``max_tokens`` at a time, against
@@ -194,12 +238,12 @@ def causal_leak(model: nn.Module, example_inputs: Sequence[object], *,
     tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
     if seq_inputs is None and output_axes is None:
         seq_inputs, output_axes = _module_axes(model, example_inputs, seed)
-    flags = _sequence_flags(tensors, seq_inputs)
-    seqs = [x for x, f in zip(tensors, flags) if f]
+    in_axes = _sequence_axes(tensors, seq_inputs)
+    seqs = [(x, a) for x, a in zip(tensors, in_axes) if a is not None]
     if not seqs:
-        raise InputError("no example input has a sequence axis (ids of shape (B, L) or features "
-                         "of shape (B, L, ..., D)); causality is measured along axis 1")
-    length = int(seqs[0].shape[1])
+        raise InputError("no example input has a sequence axis; causality is measured along "
+                         "the inputs' sequence axes (transform(..., seq_dim=) names them)")
+    length = int(seqs[0][0].shape[seqs[0][1]])
     if length < 2:
         raise InputError("causality needs a sequence of at least 2 positions in example_inputs")
     batch = next(int(x.shape[0]) for x in tensors if x.dim() >= 1)
@@ -224,8 +268,9 @@ def causal_leak(model: nn.Module, example_inputs: Sequence[object], *,
                 continue
             xr = x.repeat(n, *([1] * (x.dim() - 1)))
             rep.append(xr)
-            if any(x is s for s in seqs) and x.shape[1] == length:
-                mask = _later(chunk, batch, length, 1, xr)
+            ax = next((a for s, a in seqs if s is x), None)
+            if ax is not None and x.shape[ax] == length:
+                mask = _later(chunk, batch, length, ax, xr)
                 xr = torch.where(mask, _changed(xr, gen), xr)
             pert.append(xr)
         a_outs, b_outs = run(rep), run(pert)
@@ -305,4 +350,55 @@ def leaky_interfaces(lbi: nn.Module) -> list[str]:
         if isinstance(mod, InterfaceEncoder) and mod.segments is None and mod.pool in ("mean", "last"):
             if getattr(mod, "pools_positions", True):
                 out.append(f"lbi.{name}")
+    return out
+
+
+@contextmanager
+def live_interfaces(lbi: nn.Module, seed: int = 0):
+    """Within the block, the interface encoders and decoders of an LBI module have
+    random, non-zero weights (every ``nn.Linear`` under ``lbi`` reset, biases drawn too;
+    the weights are restored after): a design that starts at zero
+    (``decoder_init="zero"``, ``per_position()``) must not pass the causality probe by
+    being zero - training makes it non-zero. In place, so no copy of the model is made."""
+    iface = getattr(lbi, "lbi", None)
+    linears = [m for m in iface.modules() if isinstance(m, nn.Linear)] if iface is not None else []
+    saved = [(p, p.detach().clone()) for m in linears for p in m.parameters()]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for mod in linears:
+                mod.reset_parameters()
+                if mod.bias is not None:
+                    nn.init.uniform_(mod.bias, -1.0, 1.0)
+        yield lbi
+    finally:
+        with torch.no_grad():
+            for p, v in saved:
+                p.copy_(v)
+
+
+def leaking_interfaces(live: nn.Module, example_inputs: Sequence[object], **axes) -> list[str]:
+    """The interface modules of ``live`` (see ``live_interfaces``) whose output
+    layer, zeroed alone, stops the leak: the ones through which later positions reach
+    earlier ones."""
+    iface = getattr(live, "lbi", None)
+    if iface is None:
+        return []
+    out = []
+    for name, mod in iface.named_children():
+        last = [m for m in mod.modules() if isinstance(m, nn.Linear)]
+        if not last:
+            continue
+        saved = [(p, p.detach().clone()) for p in last[-1].parameters()]
+        with torch.no_grad():
+            for p, _ in saved:
+                p.zero_()
+        try:
+            causal, _, _ = probe_causal(live, example_inputs, **axes)
+        finally:
+            with torch.no_grad():
+                for p, v in saved:
+                    p.copy_(v)
+        if causal:
+            out.append(f"lbi.{name}")
     return out

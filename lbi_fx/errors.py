@@ -15,6 +15,12 @@ class InputError(LBIError):
     """``example_inputs`` or another argument is missing or malformed."""
 
 
+class SequenceAxisError(InputError):
+    """An input's sequence axis is needed (``pool="causal"``, ``max_len``) but neither the
+    graph says it (an embedding lookup, a Conv1d, a Linear reading the input) nor
+    ``seq_dim=`` names it."""
+
+
 class RegionSpecError(LBIError):
     """The region spec does not describe a valid, topologically ordered partition."""
 
@@ -38,6 +44,11 @@ class BatchMixingError(RewriteError):
 class ModeError(LBIError):
     """A ``.train()``/``.eval()`` change the rewritten model cannot follow exactly (its
     capture branches on ``self.training``); transform the model again in that mode."""
+
+
+class HookError(LBIError):
+    """A hook on a submodule the capture traced through (its code is inlined in the
+    region programs, the module itself is never called), so it would never run."""
 
 
 class NonFiniteError(LBIError):

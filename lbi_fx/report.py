@@ -133,7 +133,7 @@ class SeparatorReport:
                 lines.append(f"boundary {b.index} witness path (bypasses the interface):")
                 lines.extend(f"    {w.place:>10}  {w.label()}" for w in b.witness)
         lines.extend(f"note: {n}" for n in self.notes)
-        if self.causality is not None:
+        if self.causality is not None and str(self.causality):  # "": no sequence axis
             lines.append(str(self.causality))
         if budgetless:
             lines.append("no budget given (rank= or interfaces=): min cuts only, no boundary "

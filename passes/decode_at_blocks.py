@@ -20,7 +20,7 @@ from lbi_fx.errors import InputError, RewriteError
 from lbi_fx.interfaces import InterfaceDecoder
 
 from .capture import MODULE_KEY
-from .insert_interfaces import IFACE, ROLE_KEY
+from .insert_interfaces import IFACE, ROLE_KEY, _axes, seq_moved, sequence_axis
 from .mark_dynamic import is_dynamic
 from .partition import PLACE_KEY, module_of, place_of
 from .shape_prop import output_tensor
@@ -62,8 +62,9 @@ def block_inputs(gm: fx.GraphModule, k: int, modules: list[str]) -> list[fx.Node
 def decode_at_blocks(gm: fx.GraphModule, regions: list[list[str]], m_nodes: list[str],
                      *, zero_init: bool = False) -> list[str]:
     """Add a decoder of m_k before every block of region k but the first; returns the
-    names of the decoders added. Each copies the layout of the region's entry decoder
-    (``lbi.dec_{k}_0``): rank, segments, window, kind; its target is the block's input."""
+    names of the decoders added. Each copies the entry decoder's (``lbi.dec_{k}_0``)
+    rank, segments, window and kind; its sequence axis and target are those of the
+    block's input, from the graph at that point (``_layout_at``)."""
     mods = getattr(gm, IFACE)
     by_name = {n.name: n for n in gm.graph.nodes}
     added = []
@@ -83,11 +84,12 @@ def decode_at_blocks(gm: fx.GraphModule, regions: list[list[str]], m_nodes: list
                     f"{modules[j]!r} of region {k}, is not shaped like the tensor the region "
                     f"starts from ({tuple(start.shape)}); use decoder_at='first'")
             name = f"dec_{k}_b{j}"
+            at, shape = _layout_at(h, k, modules[j], entry.segments is not None)
             mods[name] = InterfaceDecoder(
-                entry.rank, 0 if linear else entry.net[0].out_features, t.shape[-1],
-                entry.shape, kind="linear" if linear else "mlp", segments=entry.segments,
-                seq_axis=getattr(entry, "seq_axis", None), zero_init=zero_init,
-                window=getattr(entry, "window", 1),
+                entry.rank, 0 if linear else entry.net[0].out_features,
+                seq_moved(tuple(t.shape), at)[-1], shape,
+                kind="linear" if linear else "mlp", segments=entry.segments,
+                seq_axis=at, zero_init=zero_init, window=getattr(entry, "window", 1),
             ).to(dtype=t.dtype)
             users = [u for u in h.users if any(_under(module_of(u), p) for p in modules[j:])]
             with gm.graph.inserting_after(h):
@@ -102,6 +104,24 @@ def decode_at_blocks(gm: fx.GraphModule, regions: list[list[str]], m_nodes: list
     gm.graph.lint()
     gm.recompile()
     return added
+
+
+def _layout_at(h: fx.Node, k: int, block: str, causal: bool
+               ) -> tuple[int | None, list[tuple[str, int]]]:
+    """The sequence axis of ``h`` as the graph says it at this insertion point (never the
+    entry decoder's: a later block may take (B, D, L) where the region starts from (B, L,
+    D)), and the decoder's target shape: every axis of ``h`` itself. A causal decoder
+    needs exactly one sequence axis; refused by name where the graph cannot tell it."""
+    axes = _axes(h)
+    at = sequence_axis(h)
+    if causal and at is None:
+        raise RewriteError(
+            f"decoder_at='every': cannot tell the sequence axis of {h.name} "
+            f"({module_of(h) or '<top level>'}), the input of block {block!r} of region {k} "
+            f"(sequence axes from the graph: {axes if axes is not None else 'unknown'}); a "
+            "causal decoder adds m_k's rows along it. Use decoder_at='first'")
+    shape = [("canvas", i) for i in range(len(output_tensor(h).shape))]
+    return at, shape
 
 
 def entry_target(gm: fx.GraphModule, k: int) -> fx.Node:

@@ -61,6 +61,7 @@ class ChainRunner:
         """Run the prologue on the model's inputs; its outputs by node name (canvas, m_0,
         masks, ...)."""
         spec = self._programs_spec
+        self._check_hooks()  # every run starts here: forward and each region-parallel rank
         self._refresh()
         pro = self._build()["prologue_run"](*self._flatten(tuple(args), kwargs or {}))
         return dict(zip(spec.prologue.outputs, pro))

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from lbi_fx.choices import Explanation, RegionExplanation, explain_region
 from lbi_fx.errors import InputError
@@ -104,9 +105,19 @@ class Introspection:
         from lbi_fx.causality import graph_axes
         from lbi_fx.passes.seq_axes import mark_seq_axes
 
-        mark_seq_axes(gm, example_inputs)  # which output axis is the sequence: the graph says
-        causal, leak, why = probe_causal(self, example_inputs, **graph_axes(gm))
+        # which output axis is the sequence: the graph says, from the inputs' axes that
+        # transform derived (or seq_dim named)
+        given = getattr(self, "input_seq_axes", None)
+        n_in = sum(isinstance(x, torch.Tensor) for x in tree_leaves(list(example_inputs)))
+        why = mark_seq_axes(gm, example_inputs, given if given is not None and len(given) == n_in
+                            else None)
+        ia = gm.meta["lbi_input_axes"]
         leaks = leaky_interfaces(self)
+        if not ia.unknown and not ia.any_sequence:  # an image model: nothing causal to say
+            report.causality = Causality(model_causal=None, sequence=False)
+            return report
+        causal, leak, why = ((None, None, why) if ia.unknown
+                             else probe_causal(self, example_inputs, **graph_axes(gm)))
         # an interface that pools across positions leaks whatever a numeric probe sees
         # (a tiny or untrained encoder can hide it below the probe's tolerance)
         report.causality = Causality(

@@ -19,7 +19,7 @@ from lbi_fx.errors import InputError
 from lbi_fx.module.chain import ChainRunner, _Call
 from lbi_fx.module.inputs import InputBinding
 from lbi_fx.module.introspect import Introspection
-from lbi_fx.module.state import StateFollowing
+from lbi_fx.module.state import StateFollowing, traced_through
 from lbi_fx.passes.build_backward import build_backward_graph
 from lbi_fx.passes.capture import MODE_PROBLEM_KEY, SIGNATURE_KEY
 from lbi_fx.passes.prune_prologue import prune_outputs
@@ -83,6 +83,7 @@ class LBIModule(StateFollowing, InputBinding, ChainRunner, Introspection, nn.Mod
         self._built_key: tuple | None = None
         self._modes_seen = self._modes()
         self._captured_modes = self._user_modes()
+        self._watch_hooks(traced_through(self._flat_graph, self))
 
     # -- configuration -------------------------------------------------------------
     @property

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from lbi_fx.choices import RegionChoices
-from lbi_fx.errors import BatchMixingError, LBIError
+from lbi_fx.errors import BatchMixingError, HookError, LBIError
 
 
 class StateFollowing:
@@ -28,6 +28,7 @@ class StateFollowing:
         state["_where"] = None
         state["_record"] = {}
         state["region_choices"] = RegionChoices()  # decided afresh where it is loaded
+        state["_hook_watch_orig"] = []  # the original model's modules stay with the original
         return state
 
     def _apply(self, fn, recurse=True):
@@ -87,6 +88,35 @@ class StateFollowing:
                 raise
         return out
 
+    # -- hooks the programs cannot run ---------------------------------------------------
+    def _watch_hooks(self, modules: dict[str, nn.Module], *, original: bool = False) -> None:
+        """Remember the hooks now on ``modules`` (path -> module, every module the capture
+        traced through): a hook added later would never run, since the region programs
+        inline the module's code instead of calling it (``_check_hooks``)."""
+        watch = [(path, mod, *(frozenset(d) for d in _hook_dicts(mod)))
+                 for path, mod in modules.items()]
+        if original:
+            self._hook_watch_orig = watch
+        else:
+            self._hook_watch = watch
+
+    def _check_hooks(self) -> None:
+        """Refuse, naming the module, a forward / forward pre / backward hook added after
+        capture to a traced-through submodule (of this module or of the model it was made
+        from): it would be silently ignored. Global hooks are not checked."""
+        for path, mod, *base in (*getattr(self, "_hook_watch", ()),
+                                 *getattr(self, "_hook_watch_orig", ())):
+            for kind, d, b in zip(_HOOK_KINDS, _hook_dicts(mod), base):
+                if d and d.keys() - b:
+                    raise HookError(
+                        f"a {kind} hook was registered on {path!r} ({type(mod).__name__}) after "
+                        f"transform; lbi-fx traced through {path!r} at capture (its code is "
+                        "inlined in the region programs and the module is never called), so the "
+                        "hook would never run. Transform with "
+                        f"leaf_modules=[{path!r}] (a leaf module is called, and keeps its "
+                        "hooks), or register the hook on the LBI module itself or on a leaf "
+                        "module (see `lbi-fx inspect`)")
+
     # -- the state the programs follow -------------------------------------------------
     def _modes(self) -> tuple[bool, ...]:
         return tuple(m.training for m in self.modules())
@@ -135,6 +165,41 @@ class StateFollowing:
                                        ) from None
         self._modes_seen = self._modes()
         self.region_choices.clear()
+
+
+_HOOK_KINDS = ("forward", "forward pre", "backward", "backward pre")
+
+
+def _hook_dicts(mod: nn.Module) -> tuple[dict, ...]:
+    return tuple(getattr(mod, a, None) or {} for a in (
+        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
+
+
+def traced_through(graph, root: nn.Module) -> dict[str, nn.Module]:
+    """The submodules of ``root`` (by path) whose forward the capture ran and inlined:
+    every module on a node's ``nn_module_stack`` that is not a ``call_module`` target
+    (a leaf, which the programs call) nor inside one, nor an interface."""
+    leaves = {str(n.target) for n in graph.nodes if n.op == "call_module"}
+    called: set[str] = set()
+    for n in graph.nodes:
+        for v in (n.meta.get("nn_module_stack") or {}).values():
+            path = v[0] if isinstance(v, tuple) else v
+            if not isinstance(path, str) or path.startswith("_empty_nn_module_stack"):
+                continue
+            for prefix in ("L['self'].", "L__self__."):
+                if path.startswith(prefix):
+                    path = path[len(prefix):]
+            called.add(path)
+    out = {}
+    for path in sorted(called):
+        if (not path or path == "lbi" or path.startswith("lbi.")
+                or any(path == leaf or path.startswith(leaf + ".") for leaf in leaves)):
+            continue
+        try:
+            out[path] = root.get_submodule(path)
+        except AttributeError:
+            continue
+    return out
 
 
 def _placement(module: nn.Module) -> frozenset:
