@@ -14,6 +14,8 @@
                      instead of a hang
 ``checkpoint``       distributed checkpoints over DCP (also ``lbi_fx.checkpoint``)
 ``pipelining``       the torch.distributed.pipelining baseline (also ``lbi_fx.pipelining``)
+``ownership``        what each rank holds: holders from the programs' graphs, release to
+                     meta, to_empty of a share, world-size-independent init_weights
 
 The names below are this package's public surface, as they were when it was one module.
 """
@@ -32,6 +34,7 @@ from lbi_fx.distributed.grads import (  # noqa: F401  (private helpers, kept imp
     _unflatten_into,
 )
 from lbi_fx.distributed.mesh import MESH_DIMS, free_port, mesh_groups, placement
+from lbi_fx.distributed.ownership import held_bytes, holders, init_weights, materialize, release
 from lbi_fx.distributed.params import _trainable  # noqa: F401
 from lbi_fx.distributed.region_parallel import RegionParallel, shard_batch
 from lbi_fx.distributed.traffic import (  # noqa: F401
@@ -50,6 +53,7 @@ from lbi_fx.errors import DistributedError, DistributedTimeout, PeerFailedError 
 __all__ = [
     "EXCHANGES", "KINDS", "LBI_BACKWARD_PHASES", "MESH_DIMS", "PHASE_KINDS", "STEP_PHASES",
     "Comm", "CommRecord", "RegionParallel", "Watch",
-    "free_port", "load", "mesh_groups", "placement", "save", "shard_batch", "step_bytes",
+    "free_port", "held_bytes", "holders", "init_weights", "load", "materialize", "mesh_groups",
+    "placement", "release", "save", "shard_batch", "step_bytes",
     "sync_from_rank0", "wire_bytes", "wire_total",
 ]

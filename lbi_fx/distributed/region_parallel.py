@@ -51,7 +51,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from lbi_fx.distributed.comm import Comm
+from lbi_fx.distributed.comm import Comm, broadcast_held
 from lbi_fx.distributed.exchange import ADJOINTS, EXCHANGES, row_slices
 from lbi_fx.distributed.grads import (
     _add_grad,
@@ -69,6 +69,7 @@ from lbi_fx.distributed.ownership import (
     holders,
     init_weights,
     materialize,
+    named_tensors,
     prologue_needs,
     release,
 )
@@ -261,8 +262,6 @@ class RegionParallel:
         return any(t.device == META for n, t in self._named_tensors().items() if n in self.held)
 
     def _named_tensors(self) -> dict:
-        from lbi_fx.distributed.ownership import named_tensors
-
         return named_tensors(self.lbi)
 
     def named_parameters(self):
@@ -319,8 +318,6 @@ class RegionParallel:
         a tied head, dp replicas): each is broadcast from its first holder in dp replica 0,
         one tensor at a time (phase ``init_broadcast``); a rank that does not hold it lends
         a temporary buffer for the collective."""
-        from lbi_fx.distributed.comm import broadcast_held
-
         ranks = self._global_ranks()
         broadcast_held(self.comm, self._named_tensors(), self.holders, ranks,
                        self.world_group, self.dp_group, self.device())
