@@ -36,7 +36,7 @@ def _gpt(width: int = 32, n_layer: int = 6, meta: bool = False, tie: bool = Fals
     return GPT(cfg)
 
 
-def _transform(model, canvas_weights="per_region", **kw):
+def _transform(model, canvas_weights="per_region", jacobian="reuse", **kw):
     import lbi_fx
 
     idx = torch.randint(0, 256, (B, L), generator=torch.Generator().manual_seed(5))
@@ -44,7 +44,7 @@ def _transform(model, canvas_weights="per_region", **kw):
         warnings.simplefilter("ignore")
         torch.manual_seed(0)  # interface modules of a materialised model: the global RNG
         lbi = lbi_fx.transform(model, lbi_fx.every(2, "layers"), rank=4, example_inputs=(idx,),
-                               jacobian="reuse", pool="causal", canvas_weights=canvas_weights,
+                               jacobian=jacobian, pool="causal", canvas_weights=canvas_weights,
                                **kw)
     return lbi, idx
 
@@ -85,10 +85,10 @@ def _worker(rank: int, world: int, port: int, out: str, fn: str, *args) -> None:
 
 # -- a materialised model: each rank keeps its share ------------------------------------
 
-def _share(rank: int, world: int, canvas_weights: str) -> dict:
+def _share(rank: int, world: int, canvas_weights: str, jacobian: str) -> dict:
     from lbi_fx.distributed import RegionParallel
 
-    lbi, idx = _transform(_gpt(), canvas_weights)
+    lbi, idx = _transform(_gpt(), canvas_weights, jacobian)
     lbi.double()
     whole = _bytes(lbi.parameters())
     all_names = sorted(n for n, _ in lbi.named_parameters())
@@ -114,19 +114,24 @@ def _share(rank: int, world: int, canvas_weights: str) -> dict:
 @pytest.fixture(scope="module")
 def shares(tmp_path_factory):
     out = {}
-    for cw in ("per_region", "shared"):
+    for cw, jac in SHARES:
         d = tmp_path_factory.mktemp(cw)
-        _spawn("_share", 3, d, cw)
-        out[cw] = [json.loads((d / f"rank{r}.json").read_text()) for r in range(3)]
+        _spawn("_share", 3, d, cw, jac)
+        out[cw, jac] = [json.loads((d / f"rank{r}.json").read_text()) for r in range(3)]
     return out
 
 
-@pytest.mark.parametrize("canvas_weights", ["per_region", "shared"])
-def test_each_rank_holds_only_what_it_runs(shares, canvas_weights):
+# jacobian="recompute": the last rank's epilogue reads outputs of a region run without its
+# graph (once silently no gradient at all under RegionParallel)
+SHARES = [("per_region", "reuse"), ("shared", "reuse"), ("per_region", "recompute")]
+
+
+@pytest.mark.parametrize("canvas_weights,jacobian", SHARES)
+def test_each_rank_holds_only_what_it_runs(shares, canvas_weights, jacobian):
     """GPT, untied head, 6 blocks in 3 regions over 3 ranks: each rank holds <= 0.55 of the
     module's parameter bytes, trains exactly the parameters named_parameters() yields, with
     fp64 gradients of single-process autograd; together the ranks hold the whole model."""
-    res = shares[canvas_weights]
+    res = shares[canvas_weights, jacobian]
     union = set()
     for rank, r in enumerate(res):
         assert r["fraction"] <= 0.55, (rank, r["fraction"])

@@ -103,17 +103,13 @@ def _sum_shared(comm: Comm, params: Sequence[nn.Parameter], prev: dict | None = 
 
 
 def _add_grad(p: torch.Tensor, g: torch.Tensor | None) -> None:
-    """Accumulate ``g`` into ``p.grad``. A fresh gradient (not a view of another tensor) is
-    taken as it is: cloning it would hold a second copy of the region's gradients at the
-    peak, as much memory again as the parameters this rank trains."""
+    """Accumulate ``g`` (a fresh gradient from ``autograd.grad``) into ``p.grad``, taken as
+    it is: cloning it would hold a second copy of the region's gradients at the peak, as
+    much memory again as the parameters this rank trains."""
     if g is None:
         return
-    if p.grad is not None:
-        p.grad = p.grad + g
-    elif g._base is None and not g.requires_grad and g.is_contiguous():
-        p.grad = g.detach()
-    else:
-        p.grad = g.detach().clone()
+    # (a transposed view, as a Linear weight's gradient often is, is fresh storage too)
+    p.grad = g.detach() if p.grad is None else p.grad + g
 
 
 def _reduce_touched_rows(comm: Comm, params: Sequence[nn.Parameter], group, scale: float,

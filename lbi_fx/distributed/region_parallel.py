@@ -423,7 +423,11 @@ class RegionParallel:
             W.enter("epilogue")
             names = [n for n in lbi.program_spec.regions[K - 1].outputs
                      if isinstance(env[n], torch.Tensor)]
-            leaves = [o.detach().requires_grad_(o.requires_grad) for o in caches[K - 1].outs]
+            # a region run without its graph (jacobian="recompute") returns outputs that do
+            # not require grad: the epilogue's gradient must still reach them
+            rerun = not caches[K - 1].kept
+            leaves = [o.detach().requires_grad_(o.requires_grad or (rerun and o.is_floating_point()))
+                      for o in caches[K - 1].outs]
             # the prologue's own outputs (not the chain's leaves): the epilogue's gradient
             # to them flows back through the prologue with the loss's backward
             epi_env = {**env, **pro_env, **dict(zip(names, leaves))}
