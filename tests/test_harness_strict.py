@@ -195,3 +195,47 @@ def test_state_dict_without_a_record_loads_with_a_warning(layouts):
     del sd["lbi._extra_state"]
     with pytest.warns(UserWarning, match="not checked"):
         _lm(pool="causal", segment_len=16).load_state_dict(sd)
+
+
+def _partition(regions):
+    torch.manual_seed(0)
+    model, (idx,) = build(n_layer=4, n_embd=16, n_head=2, block_size=16, batch=2, seq=16, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lbi_fx.transform(model, regions, rank=4, example_inputs=(idx,), pool="causal",
+                                segment_len=8, jacobian="reuse"), idx
+
+
+def test_state_dict_of_another_region_partition_is_refused_by_name():
+    """Regions (1, 3) and (2, 2) of four blocks: the same keys and shapes, other meanings
+    (issue 35 item 3). The record names the regions; the same partition still loads."""
+    one_three, idx = _partition([["layers.0"], ["layers.1", "layers.2", "layers.3"]])
+    two_two, _ = _partition([["layers.0", "layers.1"], ["layers.2", "layers.3"]])
+    sd = one_three.state_dict()
+    assert {k: v.shape for k, v in sd.items() if torch.is_tensor(v)} == {
+        k: v.shape for k, v in two_two.state_dict().items() if torch.is_tensor(v)}
+    assert sd["lbi._extra_state"]["regions"] == [["layers.0"],
+                                                 ["layers.1", "layers.2", "layers.3"]]
+    with pytest.raises(CheckpointError, match=(
+            r"regions: the state dict has \[\['layers.0'\], \['layers.1', 'layers.2', "
+            r"'layers.3'\]\], this model \[\['layers.0', 'layers.1'\], \['layers.2', "
+            r"'layers.3'\]\].*transform\(\.\.\., regions=\[\['layers.0'\]")):
+        two_two.load_state_dict(sd)
+    same, _ = _partition([["layers.0"], ["layers.1", "layers.2", "layers.3"]])
+    same.load_state_dict(sd)
+    torch.testing.assert_close(same(idx), one_three(idx), rtol=0, atol=0)
+
+
+def test_state_dict_of_another_interface_norm_is_refused_by_name():
+    """rms and layer norms: strict=False would load the shared weights silently."""
+    a, _ = _partition([["layers.0"], ["layers.1", "layers.2", "layers.3"]])
+    torch.manual_seed(0)
+    model, (idx,) = build(n_layer=4, n_embd=16, n_head=2, block_size=16, batch=2, seq=16, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        b = lbi_fx.transform(model, [["layers.0"], ["layers.1", "layers.2", "layers.3"]],
+                             rank=4, example_inputs=(idx,), pool="causal", segment_len=8,
+                             jacobian="reuse", interface_norm="rms")
+    with pytest.raises(CheckpointError, match="interface norm: the state dict has 'rms', "
+                                              "this model 'layer'.*interface_norm='rms'"):
+        a.load_state_dict(b.state_dict(), strict=False)
