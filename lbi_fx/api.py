@@ -183,7 +183,7 @@ def transform(
         decode_at_blocks(a.gm, a.regions, plan.m_nodes, zero_init=decoder_init == "zero")
     if canvas_weights == "per_region":
         per_region_canvas(a.gm, K)
-    propagate_shapes(a.gm, a.example_inputs)
+    propagate_shapes(a.gm, a.example_inputs, blame="lbi-fx")  # the model ran: ours to fail
     mark_dynamic(a.gm)
     report = separator_report(a.gm, a.regions, a.batch, rank=widths)
     if not report.ok:
