@@ -281,3 +281,18 @@ def test_fp32_oracle_falls_back_with_a_note_where_float64_is_no_reference(gpts, 
     assert any("no float64 oracle" in n and why in n for n in report.notes), report.notes
     with pytest.raises(lbi_fx.LBIError, match="reference='fp64'"):
         gradient_parity(lbi, (idx,), reference="fp64")
+
+
+def test_cosine_bound_binds_where_a_loose_rtol_would_pass(gpts):
+    """One weight's gradient flipped in sign: within rtol=10 everywhere, but the cosine
+    bound a caller asks for still fails it (the mutant that drops the cosine check)."""
+    lbi, idx = gpts[torch.float64]
+    h = _off(lbi, "lbi.enc_in.net.2.bias", -1.0)  # a third of the gradient norm
+    try:
+        report = gradient_parity(lbi, (idx,), rtol=10.0, cosine=0.999999)
+    finally:
+        h.remove()
+    assert report.rel_l2 <= 10.0 and report.tensor_rel <= 10.0, str(report)
+    assert report.cosine < 0.999999 and not report.ok, str(report)
+    with pytest.raises(AssertionError, match="cosine"):
+        report.assert_close()
