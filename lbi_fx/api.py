@@ -195,7 +195,7 @@ def transform(
                                 decoder_init=decoder_init, interface_norm=interface_norm,
                                 summary=summary, decoder_window=decoder_window,
                                 decoder_at=decoder_at, canvas_weights=canvas_weights)
-    propagate_shapes(a.gm, a.example_inputs)
+    propagate_shapes(a.gm, a.example_inputs, blame="lbi-fx")  # the model ran: ours to fail
     mark_dynamic(a.gm)
     report = separator_report(a.gm, a.regions, a.batch, rank=widths)
     if not report.ok:

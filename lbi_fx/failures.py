@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import sys
 import warnings
 
 import torch
@@ -26,6 +27,47 @@ PRIMITIVES = {  # strategy -> the PyTorch primitive it relies on, in words
     "recompute": "torch.func.vmap with reverse-mode autograd",
 }
 _IN_PLACE = ("inplace", "in-place", "modified by an")
+
+
+# torch.fx prints a failing GraphModule call's traceback and generated code to stderr
+# before re-raising (torch/fx/graph_module.py, _WrappedCall.__call__), in one write
+FX_DUMP = "Call using an FX-traced Module, line"
+
+
+class _DropFXDumps:
+    """``sys.stderr`` minus torch.fx's dumps (and the newline ``print`` adds after one);
+    every other write, warnings and progress bars included, passes through."""
+
+    def __init__(self, target):
+        self.target = target
+        self._after_dump = False
+
+    def write(self, text: str) -> int:
+        if FX_DUMP in text or (self._after_dump and text == "\n"):
+            self._after_dump = FX_DUMP in text
+            return len(text)
+        self._after_dump = False
+        return self.target.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.target, name)
+
+
+@contextlib.contextmanager
+def without_fx_dumps():
+    """Hush torch.fx's traceback dump of a failing generated program: lbi-fx turns the
+    exception into a refusal or an ``InternalError`` with its own message (the original
+    stays chained as ``__cause__``), so the dump only buries that message."""
+    if isinstance(sys.stderr, _DropFXDumps):
+        yield
+        return
+    old = sys.stderr
+    sys.stderr = _DropFXDumps(old)
+    try:
+        yield
+    finally:
+        if isinstance(sys.stderr, _DropFXDumps):
+            sys.stderr = old
 
 
 def first_line(exc: BaseException) -> str:

@@ -1,7 +1,7 @@
 """The interface layout a set of LBI weights only makes sense in, and its record in state dicts.
 
-Two models with other pools (``"mean"``/``"last"``/``"causal"``) or other segment layouts
-have parameters of the same names and shapes, so ``load_state_dict`` and a checkpoint's
+Two models with other region partitions (regions (1, 3) and (2, 2) of four blocks), other
+pools (``"mean"``/``"last"``/``"causal"``) or other segment layouts have parameters of the same names and shapes, so ``load_state_dict`` and a checkpoint's
 shape check alone accept the weights of one into the other; the logits then differ. The
 layout is therefore recorded beside the weights and compared before they are used:
 
@@ -40,6 +40,7 @@ def interface_layout(container: nn.Module) -> dict[str, Any]:
     from lbi_fx.interfaces import InterfaceEncoder
 
     pools, segs, kinds, ranks, summaries, windows = set(), set(), set(), {}, set(), set()
+    norms = set()
     for name, mod in container.named_children():
         seg = getattr(mod, "segments", None)
         segs.add(None if seg is None else (seg.count, seg.length, seg.max_len))
@@ -50,6 +51,7 @@ def interface_layout(container: nn.Module) -> dict[str, Any]:
             pools.add(mod.pool)
             summaries.add(getattr(mod, "summary", "prefix"))
             ranks[name] = [mod.in_rank, mod.rank]
+            norms.add(getattr(mod, "norm_kind", "layer"))
         else:
             windows.add(getattr(mod, "window", 1))
 
@@ -57,9 +59,11 @@ def interface_layout(container: nn.Module) -> dict[str, Any]:
         return next(iter(values)) if len(values) == 1 else sorted(values, key=repr) or None
 
     seg = one(segs)
-    return {"pool": one(pools),
+    regions = getattr(container, "regions", None)  # set by LBIModule: the module paths per region
+    return {"regions": None if regions is None else [list(r) for r in regions],
+            "pool": one(pools),
             "segments": None if seg is None else dict(zip(("count", "length", "max_len"), seg)),
-            "encoder": one(kinds), "ranks": ranks, "summary": one(summaries) or "prefix",
+            "encoder": one(kinds), "ranks": ranks, "interface_norm": one(norms) or "layer", "summary": one(summaries) or "prefix",
             "decoder_window": one(windows) or 1,
             # passes/decode_at_blocks.py names its decoders dec_{k}_b{j}
             "decoder_at": "every" if any(re.fullmatch(r"dec_\d+_b\d+", n)
@@ -75,10 +79,11 @@ def lbi_layout(lbi: nn.Module) -> dict[str, Any]:
     return out
 
 
-FIELDS = {"pool": "pool", "segments": "segment layout", "encoder": "encoder kind",
+FIELDS = {"regions": "regions", "pool": "pool", "segments": "segment layout", "encoder": "encoder kind",
           "ranks": "interface ranks", "rank_per_row": "interface ranks per row",
           "canvas_weights": "canvas weights", "summary": "causal summary",
-          "decoder_window": "decoder window", "decoder_at": "decoders at"}
+          "decoder_window": "decoder window", "decoder_at": "decoders at",
+          "interface_norm": "interface norm"}
 
 
 def _show(field: str, value: Any) -> str:
@@ -91,8 +96,11 @@ def _show(field: str, value: Any) -> str:
 
 def layout_mismatch(saved: dict, now: dict, source: str = "the state dict has") -> str | None:
     """The first field that differs, with both values, in :data:`FIELDS` order; fields
-    one side lacks (an older record) are skipped."""
+    one side lacks (an older record, or a container no LBIModule named regions for) are
+    skipped."""
     for key, label in FIELDS.items():
+        if key == "regions" and None in (saved.get(key), now.get(key)):
+            continue
         if key in saved and key in now and saved[key] != now[key]:
             return (f"{label}: {source} {_show(key, saved[key])}, this model "
                     f"{_show(key, now[key])}")
@@ -103,6 +111,8 @@ def rebuild_hint(saved: dict) -> str:
     """What to do about a layout mismatch: the transform arguments the saved layout needs."""
     seg = saved.get("segments")
     how = f"pool={saved.get('pool')!r}"
+    if saved.get("regions") is not None:
+        how = f"regions={saved['regions']!r}, " + how
     if seg:
         how += f", segment_len={seg['length']}, max_len={seg['max_len']}"
     if isinstance(saved.get("encoder"), str):
@@ -115,6 +125,8 @@ def rebuild_hint(saved: dict) -> str:
         how += f", decoder_window={saved['decoder_window']!r}"
     if saved.get("canvas_weights", "shared") != "shared":
         how += f", canvas_weights={saved['canvas_weights']!r}"
+    if saved.get("interface_norm", "layer") != "layer":
+        how += f", interface_norm={saved['interface_norm']!r}"
     return f"rebuild the model with lbi_fx.transform(..., {how}) and the saved ranks, then load"
 
 

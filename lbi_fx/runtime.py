@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from lbi_fx.choices import RegionChoices
 from lbi_fx.errors import HigherOrderError, InternalError, LBIError, NonFiniteError
-from lbi_fx.failures import classify, region_of
+from lbi_fx.failures import classify, region_of, without_fx_dumps
 
 STRATEGIES = ("auto", "reuse", "forward", "recompute")
 _AD_ERRORS = (RuntimeError, NotImplementedError)
@@ -284,7 +284,8 @@ def _probe_all(state: ChainState, k: int) -> tuple[str, torch.Tensor]:
 
 def _explicit(state: ChainState, k: int, strategy: str) -> torch.Tensor:
     try:
-        return _JACOBIANS[strategy](state, k)
+        with without_fx_dumps():  # a failure becomes a refusal or an InternalError below
+            return _JACOBIANS[strategy](state, k)
     except _AD_ERRORS as exc:
         raise classify(exc, state.caches[k], f"region {k} (jacobian={strategy!r})",
                        strategy) from exc

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
-from lbi_fx.errors import InputError
+from lbi_fx.errors import InputError, InternalError
 
 SHAPE_KEY = "lbi_tensors"
 BATCH_KEY = "lbi_batch"
@@ -55,17 +55,52 @@ def scalars_per_sample(node: fx.Node, batch: int) -> int:
     return total
 
 
+# Who a failure of shape propagation is blamed on (``propagate_shapes(blame=...)``):
+# "inputs": the user's own model under example_inputs (InputError); "lbi-fx": the graph
+# lbi-fx rewrote from a model that already ran on the same inputs, so any failure is
+# lbi-fx's own (InternalError); "node" (a built model run on new inputs): lbi-fx's where
+# the failing node is one lbi-fx added (an interface module, a decoder, a canvas copy) or
+# reads one, and every input has the shape the model was built with (batch axis aside);
+# otherwise the inputs'.
+BLAME = ("inputs", "lbi-fx", "node")
+_ADDED_KEYS = ("lbi_role", "lbi_canvas_copy")  # insert_interfaces / per_region_canvas
+
+
+def added_by_lbi(n: fx.Node) -> bool:
+    """A node the rewrite added (not one of the user's model)."""
+    return (any(k in n.meta for k in _ADDED_KEYS)
+            or str(n.meta.get("lbi_module") or "").startswith("lbi."))
+
+
 class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, blame: str = "inputs"):
+        super().__init__(gm)
+        self.blame = blame
+        # "node": the input shapes the model was built with (the last propagation's)
+        self.built = {n.name: [t.shape[1:] for t in tensors_of(n)]
+                      for n in gm.graph.nodes if n.op == "placeholder"}
+        self.same_inputs = True
+
+    def _ours(self, n: fx.Node) -> bool:
+        if self.blame != "node":
+            return self.blame == "lbi-fx"
+        near = added_by_lbi(n) or any(added_by_lbi(u) for u in n.all_input_nodes)
+        return near and self.same_inputs
+
     def run_node(self, n: fx.Node):
         try:
             result = super().run_node(n)
         except Exception as exc:  # noqa: BLE001 - reported with the node's name
-            raise InputError(
-                f"example_inputs do not run through the model: node {n.name!r} "
-                f"(module {n.meta.get('lbi_module') or '<top level>'!r}, {n.format_node()}) "
-                f"raised {type(exc).__name__}: {exc}"
-            ) from exc
+            where = (f"node {n.name!r} (module {n.meta.get('lbi_module') or '<top level>'!r}, "
+                     f"{n.format_node()}) raised {type(exc).__name__}: {exc}")
+            if self._ours(n):
+                raise InternalError(
+                    f"shape propagation through lbi-fx's rewritten graph failed at {where} "
+                    "(the model itself runs on these inputs: the rewrite broke it)", exc) from exc
+            raise InputError(f"example_inputs do not run through the model: {where}") from exc
         leaves = [x for x in tree_leaves(result) if isinstance(x, torch.Tensor)]
+        if n.op == "placeholder" and self.built.get(n.name):
+            self.same_inputs &= [x.shape[1:] for x in leaves] == self.built[n.name]
         n.meta[SHAPE_KEY] = [TensorMeta(tuple(x.shape), x.dtype) for x in leaves]
         n.meta["lbi_single"] = isinstance(result, torch.Tensor)
         return result
@@ -138,8 +173,10 @@ def shapes_only(gm: torch.nn.Module, args: list):
             store[attr] = t
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[object]) -> object:
-    """Record ``meta[SHAPE_KEY]`` on every node; returns the model's output."""
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[object],
+                     blame: str = "inputs") -> object:
+    """Record ``meta[SHAPE_KEY]`` on every node; returns the model's output. ``blame``
+    (:data:`BLAME`): whose error a failing node is, ``InputError`` or ``InternalError``."""
     example_inputs = check_example_inputs(example_inputs)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     flat = list(tree_leaves(list(example_inputs)))
@@ -155,7 +192,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[object]) -> ob
     saved = {k: b.detach().clone() for k, b in gm.named_buffers()}
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]), shapes_only(gm, args) as args:
-            out = _Recorder(gm).run(*args)
+            out = _Recorder(gm, blame).run(*args)
     finally:
         with torch.no_grad():
             for k, b in gm.named_buffers():

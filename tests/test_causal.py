@@ -379,3 +379,28 @@ def test_summary_refused_where_auto_chooses_the_mean_pool():
     with pytest.raises(lbi_fx.InputError, match="summary='latest'.*chose 'mean'"):
         lbi_fx.transform(model, lbi_fx.every(2, "layers"), rank=4, example_inputs=ex,
                          summary="latest")
+
+
+class _EvenCutLeak(torch.nn.Module):
+    """Output t (odd) reads input t + 1: a leak only a cut at an even position shows."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        nxt = torch.cat([x[:, 1:], torch.zeros_like(x[:, :1])], dim=1)
+        odd = (torch.arange(x.shape[1]) % 2 == 1).to(x.dtype)[None, :, None]
+        return self.lin(x + odd * nxt)
+
+
+def test_the_causal_probe_checks_every_cut():
+    """Issue 35 item 9: a probe over odd cuts only calls this model causal."""
+    from lbi_fx.causality import causal_leak, probe_causal
+
+    x = torch.randn(2, 8, 3)
+    model = _EvenCutLeak()
+    assert causal_leak(model, (x,), cuts=[1, 3, 5, 7]) == 0.0  # odd cuts see nothing
+    assert causal_leak(model, (x,)) > 1e-3
+    causal, leak, _ = probe_causal(model, (x,))
+    assert causal is False and leak > 1e-3

@@ -216,3 +216,85 @@ def test_no_test_is_left_out_of_the_default_run():
                  if marker in p.read_text()]
     assert offenders == []
     assert "--slow" not in (ROOT / "tests" / "conftest.py").read_text()
+
+
+# -- issue 35 item 8: advice that can be followed from the command line --------------------
+
+def test_every_transform_option_has_a_flag_on_verify_and_inspect():
+    """A refusal may advise any keyword of lbi_fx.transform (verify --rank 2 advises
+    interface_norm='rms'): each is a flag of both commands, and reaches transform."""
+    import inspect
+
+    options = [n for n, p in inspect.signature(lbi_fx.transform).parameters.items()
+               if p.kind is inspect.Parameter.KEYWORD_ONLY and n != "example_inputs"]
+    assert {"interface_norm", "summary", "decoder_window", "decoder_at",
+            "canvas_weights"} <= set(options)
+    parsers = _parsers()
+    for cmd in ("verify", "inspect"):
+        flags = {s for a in parsers[f"lbi-fx {cmd}"]._actions for s in a.option_strings}
+        missing = [o for o in options if "--" + o.replace("_", "-") not in flags]
+        assert missing == [], f"lbi-fx {cmd} has no flag for transform's {missing}"
+
+
+@pytest.mark.parametrize("cmd", ["verify", "inspect"])
+def test_transform_flags_reach_transform(cmd, monkeypatch, capsys):
+    seen = {}
+
+    def fake(model, regions, rank=16, **kw):
+        seen.update(kw)
+        raise lbi_fx.InputError("stop here")
+
+    monkeypatch.setattr("lbi_fx.api.transform", fake)
+    rc, _ = _run(capsys, cmd, *TINY, "--regions", "layers:1", "--rank", "2",
+                 "--interface-norm", "rms", "--summary", "latest", "--decoder-window", "2",
+                 "--decoder-at", "every", "--canvas-weights", "per_region", "--decoder-init",
+                 "zero", "--jacobian", "reuse", "--chunk", "3", "--leaf-modules",
+                 "layers.0.attn", "--scan-backend", "torch", "--check-finite")
+    assert rc == 2
+    assert {k: seen[k] for k in ("interface_norm", "summary", "decoder_window", "decoder_at",
+                                 "canvas_weights", "decoder_init", "jacobian", "chunk",
+                                 "leaf_modules", "scan_backend", "check_finite")} == {
+        "interface_norm": "rms", "summary": "latest", "decoder_window": 2,
+        "decoder_at": "every", "canvas_weights": "per_region", "decoder_init": "zero",
+        "jacobian": "reuse", "chunk": 3, "leaf_modules": ("layers.0.attn",),
+        "scan_backend": "torch", "check_finite": True}
+
+
+def test_rank_2_advice_is_followed_with_the_flag_it_names(capsys):
+    """verify --rank 2 advises interface_norm='rms'; --interface-norm rms then works."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = main(["verify", *TINY, "--regions", "layers:1", "--rank", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "interface_norm='rms'" in err, err
+    rc, out = _run(capsys, "verify", *TINY, "--regions", "layers:1", "--rank", "2",
+                   "--interface-norm", "rms")
+    assert rc == 0 and "OK: every boundary holds" in out, out
+
+
+def test_jacobian_forward_refusal_prints_its_message_only(capfd):
+    """The refusal used to come after a 25-line traceback torch.fx prints when generated
+    code fails; the CLI prints one line, the library's refusal no dump either."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = main(["inspect", *TINY, "--regions", "layers:1", "--rank", "4",
+                   "--jacobian", "forward", "--show", "report"])
+    out, err = capfd.readouterr()
+    assert rc == 2 and err.startswith("lbi-fx: error: RewriteError: region 0 (jacobian='forward')")
+    assert err.count("\n") == 1 and "Traceback" not in err and "FX-traced" not in err, err
+    model, (idx,) = lbi_fx.models.gpt(n_layer=2, n_embd=16, seq=8)
+    with warnings.catch_warnings(), pytest.raises(lbi_fx.RewriteError, match="jacobian='forward'"):
+        warnings.simplefilter("ignore")
+        lbi_fx.transform(model, lbi_fx.every(1, "layers"), 4, example_inputs=(idx,),
+                         jacobian="forward")
+    assert "FX-traced" not in capfd.readouterr().err
+
+
+def test_seq_dim_flag_parses_one_or_per_input_axes_and_refuses_by_name():
+    import lbi_fx
+    from lbi_fx.cli.common import parse_seq_dim
+
+    assert parse_seq_dim(None) is None and parse_seq_dim("2") == 2
+    assert parse_seq_dim("1,none") == [1, None]
+    with pytest.raises(lbi_fx.InputError, match="--seq-dim 'x'"):
+        parse_seq_dim("x")

@@ -556,8 +556,10 @@ def test_reused_dense_rows_are_checked_against_the_protocol_the_flags_ask_for(tm
     import json
 
     old = tmp_path / "old.json"
+    from lbi_fx.cli.quality import Config
+
     old.write_text(json.dumps([{"model": "dense", "name": "dense", "steps": 6000, "seeds": 1,
-                                "seed": 0, "ce_leak_free": 1.5}]))
+                                "seed": 0, "ce_leak_free": 1.5, **Config.long().recorded}]))
     cfg = _parsed(monkeypatch, ["--long", "--seeds", "1", "--schedule", "constant", "--warmup",
                                 "0", "--final-eval-batches", "0", "--reuse-dense", str(old),
                                 "--json"])
@@ -565,3 +567,41 @@ def test_reused_dense_rows_are_checked_against_the_protocol_the_flags_ask_for(tm
     with pytest.raises(lbi_fx.InputError, match="has warmup 0, this run 100"):
         _parsed(monkeypatch, ["--long", "--seeds", "1", "--schedule", "constant",
                               "--final-eval-batches", "0", "--reuse-dense", str(old)])
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("width", 64, "row 'dense' has width 64, this run 32"),
+    ("seq", 64, "row 'dense' has seq 64, this run 32"),
+    ("model_layers", 6, "row 'dense' has model_layers 6, this run 4"),
+    ("batch", 16, "row 'dense' has batch 16, this run 8"),
+    ("heads", 2, "row 'dense' has heads 2, this run 4"),
+    ("corpus_bytes", 4_000_000, "row 'dense' has corpus_bytes 4000000, this run 400000"),
+    ("lr", 1e-3, "row 'dense' has lr 0.001, this run 0.003"),
+    ("schedule", "cosine", "row 'dense' has schedule cosine, this run constant"),
+    ("width", None, "row 'dense' does not record width"),
+])
+def test_reuse_dense_checks_every_config_field_its_rows_depend_on(tmp_path, monkeypatch, key,
+                                                                 value, message):
+    """Issue 35 item 6: dense rows of another width / sequence length (or any field the
+    numbers depend on) are refused by name; rows that do not record a field are too."""
+    from lbi_fx.cli import quality
+
+    cfg = quality.Config.quick()
+    row = {"model": "dense", "name": "dense", "steps": cfg.steps, "seeds": cfg.seeds,
+           "seed": cfg.seed, **cfg.protocol, **cfg.recorded}
+    assert not {"width", "seq", "model_layers", "batch", "lr", "schedule"} - set(row)
+    assert quality.reuse_rows(_write(tmp_path, [row]), cfg)["dense"] == row  # matches
+    if value is None:
+        del row[key]
+    else:
+        row[key] = value
+    with pytest.raises(lbi_fx.InputError, match=message):  # (nothing trains: run_table faked)
+        _parsed(monkeypatch, ["--quick", "--reuse-dense", _write(tmp_path, [row])])
+
+
+def _write(tmp_path, rows) -> str:
+    import json
+
+    path = tmp_path / "dense.json"
+    path.write_text(json.dumps(rows))
+    return str(path)

@@ -103,7 +103,7 @@ def check(model, inputs, spec, rank, *, expect: type | None = None, kind: str = 
         torch.manual_seed(0)  # interface modules: reproducible examples
         try:
             lbi = lbi_fx.transform(model, spec, rank, example_inputs=inputs, **options)
-        except lbi_fx.LBIError as exc:
+        except lbi_fx.LBIError as exc:  # (an InternalError is none: it escapes, a failure)
             assert expect is None or isinstance(exc, expect), (
                 f"{kind}: expected {expect.__name__}, got {type(exc).__name__}: {exc}")
             assert len(str(exc)) > 20, f"terse refusal: {exc!r}"
@@ -111,6 +111,11 @@ def check(model, inputs, spec, rank, *, expect: type | None = None, kind: str = 
             assert not own, f"{kind}: lbi-fx blames itself ({own}) in a refusal: {exc}"
             assert not (isinstance(exc, lbi_fx.InputError) and _after_rewrite(exc)), (
                 f"{kind}: InputError after the rewrite (inputs were fine before it): {exc}")
+            # fuzz models run on their inputs under plain PyTorch (_torch_accepts), so
+            # "do not run through the model" can only be the rewritten graph failing
+            assert not (isinstance(exc, lbi_fx.InputError)
+                        and "do not run through the model" in str(exc)), (
+                f"{kind}: the model runs on these inputs, yet an InputError says not: {exc}")
             return {"outcome": type(exc).__name__, "kind": kind, "msg": str(exc)[:160],
                     "spec": repr(spec), "rank": repr(rank), "secs": time.perf_counter() - t0}
     assert expect is None, f"{kind}: expected {expect.__name__}, transform returned a model"
@@ -220,3 +225,19 @@ def test_fixed_fuzz_models_transform_exactly(name, spec):
     rec = check(model, inputs, spec, 3, kind=name)
     assert rec["outcome"] == "transformed", rec
     assert (rec["capture"] == "export") == FIXED[name].untraceable
+
+
+def test_a_bug_in_the_decoder_is_never_a_valid_refusal(monkeypatch):
+    """Issue 35 item 7: a decoder that returns the wrong shape broke shape propagation
+    through the rewritten graph, which said ``InputError: example_inputs do not run
+    through the model`` - and ``check`` counted that as a refusal."""
+    from lbi_fx.interfaces import InterfaceDecoder
+
+    genome = fm.ModelGenome(blocks=(fm.BlockGenome(ops=("linear", "tanh")),
+                                    fm.BlockGenome(ops=("linear",))), seq=4)
+    model, inputs = fm.build(genome)
+    real = InterfaceDecoder.forward
+    monkeypatch.setattr(InterfaceDecoder, "forward",
+                        lambda self, m, canvas: real(self, m, canvas)[..., :-1])  # the bug
+    with pytest.raises(lbi_fx.InternalError, match=r"rewritten graph failed at node '"):
+        check(model, inputs, [["blocks.0"], ["blocks.1"]], 3)

@@ -12,7 +12,7 @@ import torch
 import lbi_fx
 from lbi_fx.errors import CheckpointError
 from lbi_fx.models.transformer import build
-from lbi_fx.testing import gradient_parity
+from lbi_fx.testing import default_loss, gradient_parity
 
 SMALL = "layers.0.attn.c_attn.bias"  # ~2e-5 of the gradient norm under the default loss
 
@@ -195,3 +195,104 @@ def test_state_dict_without_a_record_loads_with_a_warning(layouts):
     del sd["lbi._extra_state"]
     with pytest.warns(UserWarning, match="not checked"):
         _lm(pool="causal", segment_len=16).load_state_dict(sd)
+
+
+def _partition(regions):
+    torch.manual_seed(0)
+    model, (idx,) = build(n_layer=4, n_embd=16, n_head=2, block_size=16, batch=2, seq=16, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lbi_fx.transform(model, regions, rank=4, example_inputs=(idx,), pool="causal",
+                                segment_len=8, jacobian="reuse"), idx
+
+
+def test_state_dict_of_another_region_partition_is_refused_by_name():
+    """Regions (1, 3) and (2, 2) of four blocks: the same keys and shapes, other meanings
+    (issue 35 item 3). The record names the regions; the same partition still loads."""
+    one_three, idx = _partition([["layers.0"], ["layers.1", "layers.2", "layers.3"]])
+    two_two, _ = _partition([["layers.0", "layers.1"], ["layers.2", "layers.3"]])
+    sd = one_three.state_dict()
+    assert {k: v.shape for k, v in sd.items() if torch.is_tensor(v)} == {
+        k: v.shape for k, v in two_two.state_dict().items() if torch.is_tensor(v)}
+    assert sd["lbi._extra_state"]["regions"] == [["layers.0"],
+                                                 ["layers.1", "layers.2", "layers.3"]]
+    with pytest.raises(CheckpointError, match=(
+            r"regions: the state dict has \[\['layers.0'\], \['layers.1', 'layers.2', "
+            r"'layers.3'\]\], this model \[\['layers.0', 'layers.1'\], \['layers.2', "
+            r"'layers.3'\]\].*transform\(\.\.\., regions=\[\['layers.0'\]")):
+        two_two.load_state_dict(sd)
+    same, _ = _partition([["layers.0"], ["layers.1", "layers.2", "layers.3"]])
+    same.load_state_dict(sd)
+    torch.testing.assert_close(same(idx), one_three(idx), rtol=0, atol=0)
+
+
+def test_state_dict_of_another_interface_norm_is_refused_by_name():
+    """rms and layer norms: strict=False would load the shared weights silently."""
+    a, _ = _partition([["layers.0"], ["layers.1", "layers.2", "layers.3"]])
+    torch.manual_seed(0)
+    model, (idx,) = build(n_layer=4, n_embd=16, n_head=2, block_size=16, batch=2, seq=16, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        b = lbi_fx.transform(model, [["layers.0"], ["layers.1", "layers.2", "layers.3"]],
+                             rank=4, example_inputs=(idx,), pool="causal", segment_len=8,
+                             jacobian="reuse", interface_norm="rms")
+    with pytest.raises(CheckpointError, match="interface norm: the state dict has 'rms', "
+                                              "this model 'layer'.*interface_norm='rms'"):
+        a.load_state_dict(b.state_dict(), strict=False)
+
+
+# -- the fp32 verdict: a float64 oracle per tensor ------------------------------------------
+
+def test_fp32_whole_weight_one_tenth_percent_off_fails_rounding_passes(gpts):
+    """A whole weight matrix 1.001x its true gradient (issue 35 item 5): the old rule's
+    per-tensor floor let it through in fp32; the float64 oracle fails it, by name, while
+    the clean model (rounding only) passes."""
+    name = "layers.0.mlp.c_fc.weight"  # 1.2e-4 of the gradient's norm
+    lbi, idx = gpts[torch.float32]
+    clean = gradient_parity(lbi, (idx,))
+    assert clean.ok and clean.reference == "float64", str(clean)
+    assert "float64 oracle" in str(clean)
+    p = dict(lbi.named_parameters())[name]  # the scan's side 1.001x (hooks are linear)
+    h = p.register_hook(lambda g: g * 1.001 if lbi.backward == "scan" else None)
+    try:
+        report = gradient_parity(lbi, (idx,))
+        old = gradient_parity(lbi, (idx,), reference="none")
+    finally:
+        h.remove()
+    assert old.ok and old.reference == "none", str(old)  # the rtol rules alone pass it
+    assert not report.ok, str(report)
+    with pytest.raises(AssertionError, match=rf"further from the float64 reference.*{name}"):
+        report.assert_close(rtol=1e-3)  # a looser rtol does not loosen the oracle
+    bad = next(t for t in report.tensors if t.name == name)
+    assert bad.err64 > 100 * bad.autograd_err64, bad
+    assert all(t.oracle_ok for t in clean.tensors)
+
+
+@pytest.mark.parametrize("loss_fn, why", [
+    (lambda out: default_loss(out) if out.dtype == torch.float32 else 1 / 0, "does not run"),
+    (lambda out: default_loss(out) * (1 if out.dtype == torch.float32 else 2), "from the float64"),
+])
+def test_fp32_oracle_falls_back_with_a_note_where_float64_is_no_reference(gpts, loss_fn, why):
+    """A float64 copy that fails, or that autograd fp32 disagrees with beyond rounding:
+    no oracle, the rtol verdict, and a note saying why."""
+    lbi, idx = gpts[torch.float32]
+    report = gradient_parity(lbi, (idx,), loss_fn)
+    assert report.reference == "none" and report.ok, str(report)
+    assert any("no float64 oracle" in n and why in n for n in report.notes), report.notes
+    with pytest.raises(lbi_fx.LBIError, match="reference='fp64'"):
+        gradient_parity(lbi, (idx,), reference="fp64")
+
+
+def test_cosine_bound_binds_where_a_loose_rtol_would_pass(gpts):
+    """One weight's gradient flipped in sign: within rtol=10 everywhere, but the cosine
+    bound a caller asks for still fails it (the mutant that drops the cosine check)."""
+    lbi, idx = gpts[torch.float64]
+    h = _off(lbi, "lbi.enc_in.net.2.bias", -1.0)  # a third of the gradient norm
+    try:
+        report = gradient_parity(lbi, (idx,), rtol=10.0, cosine=0.999999)
+    finally:
+        h.remove()
+    assert report.rel_l2 <= 10.0 and report.tensor_rel <= 10.0, str(report)
+    assert report.cosine < 0.999999 and not report.ok, str(report)
+    with pytest.raises(AssertionError, match="cosine"):
+        report.assert_close()

@@ -48,6 +48,26 @@ def test_parity_grid(cell, dtype):
     assert report.n_params == sum(1 for p in lbi.parameters() if p.requires_grad)
 
 
+# Rank lists with a causal pool (issue 35 item 9): interfaces of different widths make a
+# causal encoder truncate (r_k > r_{k+1}) or zero-pad (r_k < r_{k+1}) the residual m_k, and
+# row 0 of m_{k+1} (``first_row``, the Jacobian's head rows) must cut the same end.
+RANK_LISTS = [[6, 4, 3], [3, 6, 4], [4, 4, 6]]
+
+
+@pytest.mark.parametrize("jacobian", ["reuse", "recompute"])
+@pytest.mark.parametrize("ranks", RANK_LISTS, ids=lambda r: "-".join(map(str, r)))
+def test_parity_rank_lists_with_a_causal_pool(ranks, jacobian):
+    model, (idx,) = build(n_layer=4, n_embd=16, n_head=2, batch=2, seq=8, seed=1)
+    torch.manual_seed(0)
+    lbi = lbi_fx.transform(model.double(), lbi_fx.every(1, "layers"), rank=ranks,
+                           example_inputs=(idx,), pool="causal", segment_len=2,
+                           jacobian=jacobian)
+    assert lbi.pool == "causal" and lbi.rank_per_row == ranks and lbi.segments.count == 4
+    report = gradient_parity(lbi, (idx,))
+    report.assert_close(**TOL[torch.float64])
+    assert report.rel_l2 <= GLOBAL[torch.float64], str(report)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_dropout_changes_gradients_but_stays_exact(dtype):
     """Dropout is live (two seeds give different grads) and each seed is exact."""
@@ -139,3 +159,33 @@ def test_parity_compares_input_gradients_and_losses(fault):
     with pytest.raises(AssertionError, match="input 0" if fault == "input" else "loss"):
         report.assert_close(**TOL[torch.float64])
     assert gradient_parity(_Faulty("none"), (x,), _linear_loss).ok
+
+
+class _Unused(torch.nn.Module):
+    """Stands in for an LBI module where one mode gives a parameter no gradient at all."""
+
+    def __init__(self, mode_without: str):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3).double()
+        self.mode_without, self.backward = mode_without, "scan"
+
+    def lbi_verify(self, **_):
+        raise NotImplementedError
+
+    def forward(self, x):
+        bias = self.lin.bias.detach() if self.backward == self.mode_without else self.lin.bias
+        return torch.nn.functional.linear(x, self.lin.weight, bias)
+
+
+@pytest.mark.parametrize("mode_without, field, words", [
+    ("scan", "missing", "none under scan"), ("autograd", "extra", "none under autograd")])
+def test_parity_lists_a_tensor_one_mode_gives_no_gradient(mode_without, field, words):
+    """Issue 35 item 9: a tensor with a gradient under one mode only is listed by name and
+    fails the verdict, though every gradient both modes give agrees."""
+    x = torch.randn(5, 4, dtype=torch.float64)
+    report = gradient_parity(_Unused(mode_without), (x,), _linear_loss)
+    assert getattr(report, field) == ["lin.bias"], str(report)
+    assert not report.ok and not report.complete, str(report)
+    with pytest.raises(AssertionError, match=rf"{words}: \['lin.bias'\]"):
+        report.assert_close()
+    assert report.rel_l2 == 0.0  # what both modes give is identical

@@ -113,3 +113,38 @@ def test_the_fuzzers_property_fails_on_an_internal_error(monkeypatch):
     _broken("stack_jacobians", RuntimeError("boom"), monkeypatch)
     with pytest.raises(lbi_fx.InternalError, match="boom"):
         check(net(), (x64(),), lbi_fx.every(1, "blocks"), 3)
+
+
+def test_bug_in_the_rewritten_graph_is_an_internal_error_naming_the_node(monkeypatch):
+    """Issue 35 item 7: shape propagation through the *rewritten* graph wrapped every
+    failure as the user's ``InputError``; the model itself ran on the same inputs, so a
+    failure there is lbi-fx's own, named by node. The user's own model failing under
+    example_inputs is still an ``InputError``."""
+    from lbi_fx.interfaces import InterfaceDecoder
+
+    real = InterfaceDecoder.forward
+    monkeypatch.setattr(InterfaceDecoder, "forward",
+                        lambda self, m, canvas: real(self, m, canvas)[..., :-1])  # the bug
+    with pytest.raises(lbi_fx.InternalError, match=r"rewritten graph failed at node '\w+' "
+                                                   r".*please report") as info:
+        tf(net())
+    assert isinstance(info.value.original, RuntimeError), info.value.original
+    monkeypatch.undo()
+    with pytest.raises(lbi_fx.InputError, match="example_inputs do not run through the model"):
+        tf(net(), example_inputs=(torch.randn(3, 7, dtype=torch.float64),))  # wrong width
+
+
+def test_lbi_verify_blames_lbi_fx_nodes_on_lbi_fx(monkeypatch):
+    """``lbi.lbi_verify`` reruns shapes on the user's new inputs: a failing interface node is
+    an ``InternalError``."""
+    from lbi_fx.interfaces import InterfaceDecoder
+
+    lbi = tf(net())
+    real = InterfaceDecoder.forward
+    monkeypatch.setattr(InterfaceDecoder, "forward",
+                        lambda self, m, canvas: real(self, m, canvas)[..., :-1])
+    with pytest.raises(lbi_fx.InternalError, match=r"node '"):
+        lbi.lbi_verify(example_inputs=(x64(),))
+    # inputs of another width than the model was built with: the user's, even at a decoder
+    with pytest.raises(lbi_fx.InputError, match="do not run through the model"):
+        lbi.lbi_verify(example_inputs=(torch.randn(3, 7, dtype=torch.float64),))

@@ -172,9 +172,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--width", type=int, default=2048, help="model width (default 2048)")
     ap.add_argument("--layers", type=int, default=6, help="GPT blocks (default 6: 1.13 GiB "
                     "of fp32 parameters at width 2048)")
-    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--heads", type=int, default=16, help="attention heads (default 16)")
     ap.add_argument("--seq", type=int, default=16, help="tokens per sequence (default 16)")
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
     ap.add_argument("--rank", type=int, default=3, help="interface rank (pool mean)")
     ap.add_argument("--ranks", default="2,3,4", help="numbers of region ranks / stages")
     ap.add_argument("--steps", type=int, default=2, help="training steps each (default 2)")

@@ -11,6 +11,7 @@ imported only when its command runs or ``--help`` lists every flag.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -52,9 +53,14 @@ def build_parser(argv: Sequence[str] | None = None) -> Parser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from lbi_fx.failures import without_fx_dumps
+
+    hush = (contextlib.nullcontext() if os.environ.get("LBI_FX_TRACEBACK")
+            else without_fx_dumps())  # an error is its one-line message, no FX dump first
     try:
-        args = build_parser(argv).parse_args(argv)
-        return args.run(args)
+        with hush:
+            args = build_parser(argv).parse_args(argv)
+            return args.run(args)
     except LBIError as exc:
         msg = " ".join(str(exc).split("\n")[0].split())
         print(f"lbi-fx: error: {type(exc).__name__}: {msg}", file=sys.stderr)

@@ -43,9 +43,34 @@ def parse_interfaces(text: str | None):
 
 
 def rewrite_kwargs(args) -> dict:
-    """The ``lbi_fx.transform`` options shared by ``verify --rank`` and ``inspect``."""
+    """The ``lbi_fx.transform`` options shared by ``verify --rank`` and ``inspect``: every
+    keyword of ``transform`` but ``example_inputs`` (a refusal may advise any of them, so
+    each has a flag; ``tests/test_cli_papercuts.py`` holds the two lists equal)."""
     return dict(encoder=args.encoder, pool=args.pool, segment_len=args.segment_len,
-                max_len=args.max_len)
+                max_len=args.max_len, canvas=args.canvas, jacobian=args.jacobian,
+                chunk=args.chunk, leaf_modules=parse_leaf_modules(args.leaf_modules),
+                scan_backend=args.scan_backend, check_finite=args.check_finite,
+                decoder_init=args.decoder_init, interface_norm=args.interface_norm,
+                canvas_weights=args.canvas_weights, summary=args.summary,
+                decoder_window=args.decoder_window, decoder_at=args.decoder_at,
+                seq_dim=parse_seq_dim(args.seq_dim))
+
+
+def parse_seq_dim(text: str | None):
+    """``--seq-dim``: one int for every input, or one per tensor input ('2' / '2,none')."""
+    if text is None:
+        return None
+    parts = [p.strip().lower() for p in text.split(",")]
+    try:
+        vals = [None if p in ("none", "") else int(p) for p in parts]
+    except ValueError:
+        raise InputError(f"--seq-dim {text!r}: an int, or comma-separated ints / none, one "
+                         "per tensor input (e.g. 2 or 1,none)") from None
+    return vals[0] if len(vals) == 1 else vals
+
+
+def parse_leaf_modules(text: str | None) -> tuple[str, ...]:
+    return tuple(p.strip() for p in (text or "").split(",") if p.strip())
 
 
 def interface_width(lbi) -> str:
@@ -110,6 +135,44 @@ def add_rewrite_arguments(p: argparse.ArgumentParser) -> None:
                                                    "(default ceil(max_len / 4))")
     p.add_argument("--max-len", type=int, help="longest sequence of a causal interface "
                                                "(default: the example inputs' length)")
+    from lbi_fx.interfaces import DECODER_INITS, NORMS, SUMMARIES
+    from lbi_fx.kernels.ops import BACKENDS
+    from lbi_fx.passes.decode_at_blocks import DECODER_AT
+    from lbi_fx.passes.per_region_canvas import CANVAS_WEIGHTS
+    from lbi_fx.runtime import STRATEGIES
+
+    p.add_argument("--interface-norm", default="layer", choices=NORMS,
+                   help="how m_k is normalised per row (default layer; rms or none for ranks "
+                        "below 3), as transform's interface_norm=")
+    p.add_argument("--summary", default="prefix", choices=SUMMARIES,
+                   help="what a causal encoder row summarises (default prefix), as summary=")
+    p.add_argument("--decoder-window", type=int, default=1,
+                   help="rows of m_k each causal decoder reads (default 1), as decoder_window=")
+    p.add_argument("--decoder-at", default="first", choices=DECODER_AT,
+                   help="decode m_k before the first block of its region or before every "
+                        "block (default first), as decoder_at=")
+    p.add_argument("--canvas-weights", default="shared", choices=CANVAS_WEIGHTS,
+                   help="one canvas for all regions, or per-region copies of its weights "
+                        "(default shared), as canvas_weights=")
+    p.add_argument("--decoder-init", default="default", choices=DECODER_INITS,
+                   help="decoders start at their default init or at zero, as decoder_init=")
+    p.add_argument("--canvas", help="the node or module path the interfaces decode onto "
+                                    "(default: found from the graph), as canvas=")
+    p.add_argument("--jacobian", default="auto", choices=STRATEGIES,
+                   help="how region Jacobians are computed (default auto), as transform's "
+                        "jacobian=")
+    p.add_argument("--chunk", type=int, help="Jacobian rows per rerun (jacobian recompute), "
+                                             "as chunk=")
+    p.add_argument("--leaf-modules", metavar="PATHS",
+                   help="comma-separated module paths kept opaque by the trace, as "
+                        "leaf_modules=")
+    p.add_argument("--scan-backend", default="auto", choices=BACKENDS,
+                   help="suffix-scan kernel (default auto), as scan_backend=")
+    p.add_argument("--check-finite", action="store_true",
+                   help="refuse NaN / Inf in J_k and the adjoints, as check_finite=True")
+    p.add_argument("--seq-dim", metavar="AXES",
+                   help="the inputs' sequence axis where the graph cannot tell: one int, or "
+                        "one per tensor input ('none' for an input without one), as seq_dim=")
 
 
 def standalone(module: ModuleType, prog: str, argv: Sequence[str] | None) -> int:

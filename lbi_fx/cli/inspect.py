@@ -25,9 +25,6 @@ def add_arguments(i: argparse.ArgumentParser) -> None:
     i.add_argument("--explain", action="store_true",
                    help="print each region's Jacobian strategy, VJPs, what auto's probe found "
                         "unsupported and every fallback (lbi.explain())")
-    i.add_argument("--jacobian", default="auto", choices=["auto", "reuse", "forward", "recompute"],
-                   help="how region Jacobians are computed (default auto), as transform's "
-                        "jacobian=")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     model, example = model_and_inputs(args)
     lbi = transform(model, args.regions, parse_rank(args.rank), example_inputs=example,
-                    jacobian=args.jacobian, **rewrite_kwargs(args))
+                    **rewrite_kwargs(args))
     # --explain alone prints the per-region choices only; --show adds the graphs
     what = args.show or ("none" if args.explain else "all")
     print(f"== {lbi.num_regions} regions, interfaces of {interface_width(lbi)}, pool {lbi.pool}")

@@ -194,6 +194,16 @@ class Config(RunConfig):
         return {"schedule": self.schedule, "warmup": self.warmup, "min_lr": self.min_lr,
                 "final_eval_batches": self.final_eval_batches, "lr": self.lr}
 
+    @property
+    def recorded(self) -> dict:
+        """Everything else a row's numbers depend on (the model's shape, the data, the
+        evaluation set, the thread count dense training is deterministic for); every row
+        records it, and ``--reuse-dense`` refuses rows that differ."""
+        return {"model_layers": self.layers, "width": self.width, "heads": self.heads,
+                "seq": self.seq, "batch": self.batch, "corpus_bytes": self.corpus_bytes,
+                "eval_batches": self.eval_batches, "region_size": self.region_size,
+                "threads": torch.get_num_threads()}
+
     @staticmethod
     def quick() -> Config:
         return Config(layers=4, width=32, seq=32, batch=8, steps=30, eval_every=15,
@@ -364,6 +374,7 @@ def run_table(cfg: Config, progress: bool = True) -> tuple[list[dict], dict]:
             "decoder_at": v.decoder_at if v.model == "lbi" else None,
             "encoder": v.encoder if v.model == "lbi" else None,
             "steps": cfg.steps, "seeds": cfg.seeds, "seed": cfg.seed, **cfg.protocol,
+            **cfg.recorded,
             "step_ratio": round(step_s / base_step, 2),
             "step_ms": round(1e3 * step_s, 1),
         })
@@ -607,13 +618,20 @@ def reuse_rows(path: str, cfg: Config) -> dict:
     dense = {r["name"]: r for r in rows if isinstance(r, dict) and r.get("model") == "dense"}
     if not dense:
         raise lbi_fx.InputError(f"--reuse-dense {path}: no dense rows in it")
-    # a table from before the protocol fields was trained at a constant rate and scored
-    # on the curve's batches
-    before = {"schedule": "constant", "warmup": 0, "min_lr": 0.1, "final_eval_batches": 0}
+    # a table from before the protocol fields was trained at a constant rate of 3e-3 (no
+    # flag set it) and scored on the curve's batches; the fields of ``cfg.recorded`` have
+    # no such default (flags changed them), so rows without them are refused
+    before = {"schedule": "constant", "warmup": 0, "min_lr": 0.1, "final_eval_batches": 0,
+              "lr": 3e-3}
     for r in dense.values():
         for key, want in (("steps", cfg.steps), ("seeds", cfg.seeds), ("seed", cfg.seed),
-                          *cfg.protocol.items()):
-            if r.get(key, before.get(key, want)) != want:
+                          *cfg.protocol.items(), *cfg.recorded.items()):
+            if key not in r and key not in before:
+                raise lbi_fx.InputError(
+                    f"--reuse-dense {path}: row {r['name']!r} does not record {key} (this run "
+                    f"{want}; a table from before rows recorded it), so it may be of another "
+                    "config; rerun the dense rows with this lbi-fx and reuse that table")
+            if r.get(key, before.get(key)) != want:
                 raise lbi_fx.InputError(
                     f"--reuse-dense {path}: row {r['name']!r} has {key} "
                     f"{r.get(key, before.get(key))}, this run "

@@ -16,6 +16,7 @@ from lbi_fx.cli.common import (
     interface_width,
     model_and_inputs,
     parse_interfaces,
+    parse_leaf_modules,
     parse_rank,
     parse_relay,
     rewrite_kwargs,
@@ -72,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
             what = f"the bounded-interface rewrite (lbi_fx.transform, {interface_width(lbi)})"
     else:
         report = verify(model, args.regions, example_inputs=example, rank=rank,
-                        interfaces=parse_interfaces(args.interfaces))
+                        interfaces=parse_interfaces(args.interfaces),
+                        leaf_modules=parse_leaf_modules(args.leaf_modules))
         checked = "model" if rank is not None or args.interfaces is not None else "min cuts"
         what = ("the model as given, its own interfaces" if args.interfaces is not None
                 else f"the model as given, against {report.budget_text()}" if rank is not None

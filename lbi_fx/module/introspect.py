@@ -94,7 +94,7 @@ class Introspection:
 
         gm = self.rewritten_graph
         gm.meta["lbi_capture"] = f"lbi_fx.transform ({self.capture})"
-        propagate_shapes(gm, example_inputs)
+        propagate_shapes(gm, example_inputs, blame="node")  # lbi-fx's nodes: InternalError
         mark_dynamic(gm)
         report = separator_report(gm, self.regions, gm.meta[BATCH_KEY],
                                   rank=self.ranks if rank is None and interfaces is None else rank,

@@ -53,6 +53,8 @@ class LBIModule(StateFollowing, InputBinding, ChainRunner, Introspection, nn.Mod
         self._flat_graph = gm.graph
         self._programs_spec = programs
         self.regions = [list(r) for r in regions]
+        if hasattr(self, "lbi"):  # the layout record (lbi_fx/layout.py) names the regions
+            self.lbi.regions = self.regions
         self.ranks = list(ranks)
         if jacobian not in STRATEGIES:
             raise InputError(f"jacobian={jacobian!r}: choose one of {', '.join(STRATEGIES)}")
