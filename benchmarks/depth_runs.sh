@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The runs behind the README's depth table (issue #23): `lbi-fx quality --long`, one seed
+# The runs behind the depth table of docs/depth.md (issue #23): `lbi-fx quality --long`, one seed
 # per process, one thread each (two processes side by side on a 2-core machine; each run
 # is deterministic per seed and thread count, so where they ran does not move a digit).
 # Every run writes benchmarks/results/depth/NAME_seedS.json; the dense rows are trained

@@ -1,4 +1,4 @@
-"""The depth table of the README from ``lbi-fx quality --long --json`` runs.
+"""The depth table of docs/depth.md from ``lbi-fx quality --long --json`` runs.
 
 Every JSON under the given folder (default ``benchmarks/results/depth``) is one run of one
 seed: dense rows (trained or reused) and LBI rows, each with its leak-free CE and its depth

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Rerun every timing/memory figure the README quotes, one after another, on a quiet machine.
-# Outputs (text + JSON) land in ${OUT:-benchmarks/results}; the README tables are copied
-# from there by hand, with this script's date. About 25 minutes on a 2-core CPU.
+# Rerun every timing/memory figure the docs quote (docs/performance.md, region-parallel.md,
+# backends.md, pgf.md, spl.md; the README's headline table), one after another, on a quiet
+# machine. Outputs (text + JSON) land in ${OUT:-benchmarks/results}; the docs' tables are
+# copied from there by hand, with this script's date. About 25 minutes on a 2-core CPU.
 #   bash benchmarks/readme_figures.sh            # everything
 #   bash benchmarks/readme_figures.sh step scan  # a subset
 set -euo pipefail

@@ -97,7 +97,7 @@ def _hf_in_float64(module):
         yield
 
 
-# README: 1.8e-7 fp32, 3.6e-16 fp64 on the outputs; gradients are held to 10x that
+# docs/backends.md: 1.8e-7 fp32, 3.6e-16 fp64 on the outputs; gradients are held to 10x that
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-14)])
 def test_mixer_matches_transformers_mamba2(dtype, tol):
     from transformers import Mamba2Config as HFConfig

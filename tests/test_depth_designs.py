@@ -538,8 +538,8 @@ def test_ranks_none_leaves_only_the_baselines_and_spl(monkeypatch):
 
 
 def test_the_earlier_long_protocol_can_be_asked_for(monkeypatch):
-    """The README's constant-rate tables (2026-12-02): --long with a constant rate and the
-    final score on the curve's 4 batches."""
+    """The constant-rate tables of docs/depth.md (2026-12-02): --long with a constant rate and
+    the final score on the curve's 4 batches."""
     from lbi_fx.cli.quality import Config
 
     cfg = _parsed(monkeypatch, ["--long", "--schedule", "constant", "--warmup", "0",

@@ -1,4 +1,4 @@
-"""``benchmarks/depth_table.py`` (issue #23): the README's depth table from per-seed runs."""
+"""``benchmarks/depth_table.py`` (issue #23): the depth table of docs/depth.md from per-seed runs."""
 
 from __future__ import annotations
 
