@@ -52,7 +52,7 @@ echo "$*" >> "$FAKE_LOG"
 case "$*" in
   *"-m venv"*) mkdir -p .venv/bin && cp "$FAKE_SELF" .venv/bin/python && exit 0 ;;
   *cuda.is_available*) [ "$FAKE_CUDA" = 1 ] ;;
-  *"import lbi_fx, pytest, transformers"*) [ "$FAKE_INSTALLED" = 1 ] ;;
+  *"import lbi_fx, pytest, hypothesis, transformers"*) [ "$FAKE_INSTALLED" = 1 ] ;;
   *"--no-index"*) exit 0 ;;
   *"-m pip"*) exit 1 ;;  # no network
   *) exit 0 ;;
@@ -95,3 +95,22 @@ def test_machine_without_a_cuda_torch_gets_the_pinned_wheel(tmp_path):
     assert rc != 0  # the download fails here (the fake has no network), and says so
     assert "-m venv .venv" in calls
     assert any("torch==2.13.0" in c for c in calls)
+
+
+def test_offline_machine_with_a_wheelhouse_never_asks_an_index(tmp_path):
+    """With wheelhouse/ carried (scripts/build_wheelhouse.sh), every pip call is --no-index
+    against it, torch is held at the machine's version by a constraint, and lbi-fx is
+    installed editable without its dependencies (the real thing, offline, is rehearsed in
+    tests/test_gpu_setup_offline.py)."""
+    (tmp_path / "wheelhouse").mkdir()
+    for name in ("pip-26.3-py3-none-any.whl", "transformers-5.25.0-py3-none-any.whl"):
+        (tmp_path / "wheelhouse" / name).write_text("")
+    rc, calls = _setup(tmp_path, cuda=True, installed=False)
+    assert rc == 0
+    assert "-m venv --system-site-packages .venv" in calls
+    pips = [c for c in calls if "-m pip install" in c]
+    assert len(pips) == 2 and not any("torch==" in c for c in calls)
+    for c in pips:
+        assert "--no-index --find-links wheelhouse -c .venv/lbi-fx-constraints.txt" in c
+    assert "transformers" in pips[0] and "hypothesis>=6" in pips[0]
+    assert "--no-deps --no-build-isolation -e ." in pips[1]
