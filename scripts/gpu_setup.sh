@@ -7,10 +7,11 @@
 # Two machines:
 # - One whose PYTHON already has a CUDA torch, of whatever version (the lent GPU machines:
 #   torch 2.11 in /opt/torch/.venv, no network). The venv borrows that Python's packages
-#   (--system-site-packages, plus a .pth naming its own site dirs, since PYTHON may itself be
-#   a venv whose packages a venv made from it would not see) and everything else comes from
-#   wheelhouse/ (`bash scripts/build_wheelhouse.sh`, carried with the tree) with --no-index:
-#   pip never looks for an index, and a constraint holds torch at the machine's version.
+#   (a .pth naming the site dirs PYTHON sees; --system-site-packages would not do, since
+#   PYTHON may itself be a venv whose packages a venv made from it would not see) and
+#   everything else comes from wheelhouse/ (`bash scripts/build_wheelhouse.sh`, carried
+#   with the tree) with --no-index: pip never looks for an index, and a constraint holds
+#   torch (and numpy, triton) at the machine's versions.
 # - One without: torch==2.13.0 from PyPI (the CUDA wheel on Linux) and `pip install -e
 #   ".[test]"`, as scripts/run.sh does; without network it falls back to installing lbi-fx
 #   alone with --no-index.
@@ -33,8 +34,9 @@ if [ ! -x .venv/bin/python ]; then
     echo "gpu_setup: $PY has a usable torch: the venv borrows its packages"
     # a base Python without ensurepip (Debian's, without python3-venv) makes no pip: the
     # wheelhouse's pip is installed below
-    "$PY" -m venv --system-site-packages .venv \
-      || { rm -rf .venv; "$PY" -m venv --system-site-packages --without-pip .venv; }
+    "$PY" -m venv .venv || { rm -rf .venv; "$PY" -m venv --without-pip .venv; }
+    # every site dir that $PY sees, in its order (not --system-site-packages: where $PY is a
+    # venv, that would be its base Python's packages instead of its own)
     dirs=$("$PY" -c "import sys; print('\n'.join(p for p in sys.path
                      if p.endswith(('site-packages', 'dist-packages'))))")
     .venv/bin/python - "$dirs" <<'EOF'

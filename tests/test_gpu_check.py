@@ -75,10 +75,11 @@ def _setup(tmp_path: Path, cuda: bool, installed: bool) -> tuple[int, list[str]]
 def test_offline_cuda_machine_uses_its_own_torch(tmp_path):
     """A GPU machine without network whose system Python has a CUDA torch (the device
     lent on 2026-12-04: its set-up died trying to download torch==2.13.0): the venv borrows
-    the system packages and nothing is downloaded."""
+    the system packages (a .pth of the site dirs that Python sees) and nothing is
+    downloaded."""
     rc, calls = _setup(tmp_path, cuda=True, installed=True)
     assert rc == 0
-    assert "-m venv --system-site-packages .venv" in calls
+    assert "-m venv .venv" in calls
     assert not any("-m pip" in c for c in calls)
 
 
@@ -107,7 +108,7 @@ def test_offline_machine_with_a_wheelhouse_never_asks_an_index(tmp_path):
         (tmp_path / "wheelhouse" / name).write_text("")
     rc, calls = _setup(tmp_path, cuda=True, installed=False)
     assert rc == 0
-    assert "-m venv --system-site-packages .venv" in calls
+    assert "-m venv .venv" in calls
     pips = [c for c in calls if "-m pip install" in c]
     assert len(pips) == 2 and not any("torch==" in c for c in calls)
     for c in pips:

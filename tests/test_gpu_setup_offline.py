@@ -12,6 +12,7 @@ any attempt to reach the network fails; pip is also pointed at a dead index."""
 from __future__ import annotations
 
 import importlib.metadata as md
+import json
 import os
 import re
 import shutil
@@ -101,32 +102,51 @@ def _no_net_prefix() -> list[str]:
     return ["unshare", "-rn"] if probe is not None and probe.returncode == 0 else []
 
 
-def test_offline_setup_keeps_the_system_torch_and_installs_from_the_wheelhouse(tmp_path):
-    system_py = _fake_system(tmp_path)
-    tree = _tree_copy(tmp_path)
+@pytest.fixture(scope="module")
+def device_copy(tmp_path_factory):
+    """The set-up run once, offline, in a copy of the tree: (tree, env, its output)."""
+    tmp = tmp_path_factory.mktemp("device")
+    system_py = _fake_system(tmp)
+    tree = _tree_copy(tmp)
     env = _offline_env()
     proc = subprocess.run([*_no_net_prefix(), "bash", "scripts/gpu_setup.sh", str(system_py)],
                           cwd=tree, env=env, capture_output=True, text=True, timeout=300)
+    return tmp, tree, env, proc
+
+
+def test_offline_setup_keeps_the_system_torch_and_installs_from_the_wheelhouse(device_copy):
+    tmp, tree, env, proc = device_copy
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log
     # no index was asked, no connection tried
     for sign in ("127.0.0.1", "Looking in indexes", "Retrying", "NewConnectionError"):
         assert sign not in log, log
-    venv_py = tree / ".venv" / "bin" / "python"
     code = ("import json, torch, lbi_fx, pytest, hypothesis, transformers, networkx, tqdm; "
-            "print(json.dumps({'torch': torch.__version__, 'torch_at': torch.__file__, "
-            "'lbi_fx_at': lbi_fx.__file__}))")
-    out = subprocess.run([str(venv_py), "-c", code], cwd=tree, env=env, capture_output=True,
-                         text=True, timeout=120)
+            "print(json.dumps({m.__name__: m.__file__ for m in (torch, lbi_fx, pytest, "
+            "hypothesis, transformers, networkx, tqdm)} | {'version': torch.__version__}))")
+    out = subprocess.run([str(tree / ".venv" / "bin" / "python"), "-c", code], cwd=tree, env=env,
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    import json
-
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    torch_dist = md.distribution("torch")
-    assert got["torch"] == torch_dist.version  # the system's torch, not a pinned one
-    assert str(tmp_path / "system_lib") in got["torch_at"]
-    assert got["lbi_fx_at"] == str(tree / "lbi_fx" / "__init__.py")  # editable: this tree
-    assert f"torch {torch_dist.version}" in proc.stdout
-    # nothing of torch's was installed into the venv itself
-    venv_site = list((tree / ".venv" / "lib").glob("python*/site-packages"))[0]
+    torch_version = md.distribution("torch").version
+    assert got["version"] == torch_version  # the system's torch, not a pinned one
+    assert got["torch"].startswith(str(tmp / "system_lib"))
+    assert f"torch {torch_version}" in proc.stdout
+    assert got["lbi_fx"] == str(tree / "lbi_fx" / "__init__.py")  # editable: this tree
+    venv_site = next((tree / ".venv" / "lib").glob("python*/site-packages"))
+    for name in ("pytest", "hypothesis", "transformers", "tqdm"):  # networkx: torch needs it
+        assert got[name].startswith(str(venv_site)), (name, got[name])  # from the wheelhouse
+    # nothing of torch's (or numpy) was installed into the venv itself
     assert not list(venv_site.glob("torch*")) and not list(venv_site.glob("numpy*"))
+
+
+def test_the_gpu_tests_collect_in_that_venv(device_copy):
+    """What gpu_check.sh's pytest part does first: every test module imports (a package
+    missing from the wheelhouse would be a collection error there)."""
+    _, tree, env, proc = device_copy
+    assert proc.returncode == 0
+    out = subprocess.run([*_no_net_prefix(), ".venv/bin/python", "-m", "pytest", "--co", "-q",
+                          "-m", "gpu", "-p", "no:cacheprovider", "tests"], cwd=tree, env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "test_cuda_grid" in out.stdout and "error" not in out.stdout.lower()
