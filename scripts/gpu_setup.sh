@@ -17,7 +17,9 @@
 #   alone with --no-index.
 # LBI_FX_REHEARSE=1 accepts a torch that sees no CUDA as "the machine's torch": the CPU
 # rehearsal of the first case (tests/test_gpu_setup_offline.py). LBI_FX_WHEELHOUSE names
-# another wheelhouse folder.
+# another wheelhouse folder. `--venv-only` stops once .venv is made (a test of the borrowing).
+VENV_ONLY=0
+if [ "${1:-}" = --venv-only ]; then VENV_ONLY=1; shift; fi  # make .venv, install nothing
 PY=${1:-python3}
 WHEELS=${LBI_FX_WHEELHOUSE:-wheelhouse}
 set -e
@@ -50,6 +52,7 @@ EOF
     "$PY" -m venv .venv
   fi
 fi
+[ "$VENV_ONLY" = 1 ] && exit 0
 if ! torch_ok .venv/bin/python; then
   # absent, or a +cpu build: the PyPI wheel of torch 2.13.0 on Linux is the CUDA one
   .venv/bin/python -m pip install -q --upgrade pip || true

@@ -115,3 +115,29 @@ def test_offline_machine_with_a_wheelhouse_never_asks_an_index(tmp_path):
         assert "--no-index --find-links wheelhouse -c .venv/lbi-fx-constraints.txt" in c
     assert "transformers" in pips[0] and "hypothesis>=6" in pips[0]
     assert "--no-deps --no-build-isolation -e ." in pips[1]
+
+
+def test_a_system_python_that_is_a_venv_lends_its_own_packages(tmp_path):
+    """The lent machines' python3 is /opt/torch/.venv/bin/python3, itself a venv: a venv made
+    from it with --system-site-packages sees its base Python's packages, not its torch (the
+    set-up then tried to download torch and died offline). The .venv must see that torch."""
+    system = tmp_path / "system"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(system)], check=True,
+                   timeout=120)
+    site = next((system / "lib").glob("python*/site-packages"))
+    (site / "torch").mkdir()
+    (site / "torch" / "__init__.py").write_text(
+        "__version__ = '9.9.9+fake'\n"
+        "class cuda:\n    is_available = staticmethod(lambda: True)\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_setup.sh"), "--venv-only",
+                           str(system / "bin" / "python")], cwd=work, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = subprocess.run([str(work / ".venv" / "bin" / "python"), "-c",
+                          "import torch; print(torch.__version__, torch.__file__)"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    version, path = out.stdout.split()
+    assert version == "9.9.9+fake" and path.startswith(str(site))
