@@ -4,6 +4,7 @@
 # PyPI is reachable, then carry the folder to the device (`carry=["wheelhouse"]`).
 #
 #   bash scripts/build_wheelhouse.sh            # -> wheelhouse/, prints its size
+#   bash scripts/build_wheelhouse.sh --check    # only measure an existing one (no network)
 #
 # What goes in: the test dependencies of the GPU check beyond torch (networkx, tqdm, pytest,
 # hypothesis, transformers, and whatever they need), plus pip, setuptools and wheel so the
@@ -25,7 +26,7 @@ PY=${PYTHON:-python3}
 DEST=${WHEELHOUSE:-wheelhouse}
 PYTHONS=${WHEELHOUSE_PYTHONS:-3.11 3.12 3.13}
 MAX_MB=${WHEELHOUSE_MAX_MB:-60}
-REQS=(pip "setuptools>=68" wheel "networkx>=3.0" tqdm "pytest>=7" "hypothesis>=6")
+REQS=(pip "setuptools>=77" wheel "networkx>=3.0" tqdm "pytest>=7" "hypothesis>=6")
 [ "${WHEELHOUSE_HF:-1}" = 1 ] && REQS+=(transformers)
 # left to the device's own Python (see above); a regex on normalised names
 SKIP='^(torch|triton|numpy|nvidia-.*|cuda-.*)$'
@@ -34,7 +35,24 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 \
          manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
   PLATFORMS+=(--platform "$p")
 done
+size_check() {
+  local n bytes mb
+  n=$(find "$DEST" -name '*.whl' | wc -l)
+  bytes=$(du -sb "$DEST" | cut -f1)
+  mb=$("$PY" -c "print(f'{$bytes / 2**20:.1f}')")
+  echo "build_wheelhouse: $DEST: $n wheels, $mb MiB (limit $MAX_MB MiB)"
+  if [ "$bytes" -gt $(( MAX_MB * 1024 * 1024 )) ]; then
+    echo "build_wheelhouse: $DEST is larger than $MAX_MB MiB: too big to carry; refusing" >&2
+    exit 1
+  fi
+}
+if [ "${1:-}" = --check ]; then
+  [ -d "$DEST" ] || { echo "build_wheelhouse: no $DEST" >&2; exit 1; }
+  size_check
+  exit 0
+fi
 mkdir -p "$DEST"
+rm -f "$DEST"/*.whl  # a fresh set: no stale second version of anything
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -59,11 +77,4 @@ EOF
     -d "$DEST" -r "$tmp/$tag.txt"
   echo "build_wheelhouse: Python $v: $(tr '\n' ' ' <"$tmp/$tag.txt")"
 done
-n=$(find "$DEST" -name '*.whl' | wc -l)
-bytes=$(du -sb "$DEST" | cut -f1)
-mb=$("$PY" -c "print(f'{$bytes / 2**20:.1f}')")
-echo "build_wheelhouse: $DEST: $n wheels, $mb MiB (limit $MAX_MB MiB)"
-if [ "$bytes" -gt $(( MAX_MB * 1024 * 1024 )) ]; then
-  echo "build_wheelhouse: $DEST is larger than $MAX_MB MiB: too big to carry; refusing" >&2
-  exit 1
-fi
+size_check

@@ -141,3 +141,17 @@ def test_a_system_python_that_is_a_venv_lends_its_own_packages(tmp_path):
     assert out.returncode == 0, out.stderr
     version, path = out.stdout.split()
     assert version == "9.9.9+fake" and path.startswith(str(site))
+
+
+@pytest.mark.parametrize("limit_mb, rc", [(1, 1), (3, 0)])
+def test_the_wheelhouse_is_refused_above_its_limit(tmp_path, limit_mb, rc):
+    """It must fit the 64 MiB a copy of the tree may carry: above WHEELHOUSE_MAX_MB (60 by
+    default) build_wheelhouse.sh exits 1 (--check measures a built one, without network)."""
+    (tmp_path / "big-1.0-py3-none-any.whl").write_bytes(b"\0" * (2 * 2**20))
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "build_wheelhouse.sh"), "--check"],
+                          env={**os.environ, "WHEELHOUSE": str(tmp_path),
+                               "WHEELHOUSE_MAX_MB": str(limit_mb)},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == rc, proc.stderr
+    assert f"1 wheels, 2.0 MiB (limit {limit_mb} MiB)" in proc.stdout
+    assert ("refusing" in proc.stderr) == (rc == 1)
