@@ -10,9 +10,11 @@
 #
 # Without CUDA (no NVIDIA driver, CUDA_VISIBLE_DEVICES empty or -1, or a torch that sees
 # no device) it installs nothing, says so on stderr and still writes the JSON, status
-# "no CUDA". Set-up needs only PyPI: pip install torch==2.13.0 (the CUDA wheel on Linux)
-# and this project with its test extra, as scripts/run.sh does; a machine whose system
-# Python already has a CUDA torch (and no network) lends its packages to the venv instead.
+# "no CUDA". Set-up (scripts/gpu_setup.sh): a machine whose system Python already has a
+# CUDA torch, of any version, lends it to the venv and, without network, installs the rest
+# from wheelhouse/ (`bash scripts/build_wheelhouse.sh` where PyPI is reachable; carry it);
+# elsewhere it needs only PyPI: torch==2.13.0 (the CUDA wheel on Linux) and this project
+# with its test extra, as scripts/run.sh does.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
