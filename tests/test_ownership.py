@@ -237,6 +237,8 @@ def test_init_weights_do_not_depend_on_the_world_size(world):
     assert init_weights(whole, 11, origin=whole.canvas_origin) == []
     ref = named_tensors(whole)
     assert torch.equal(ref["wte.weight"], ref["lbi_canvas.region_2.wte.weight"])
+    # each module its own stream: two blocks of one shape do not start equal
+    assert not torch.equal(ref["layers.0.mlp.c_fc.weight"], ref["layers.1.mlp.c_fc.weight"])
     dec = whole.get_submodule("lbi.dec_1_0").net[-1]
     assert not dec.weight.any() and not dec.bias.any()
     place = placement(3, world)
