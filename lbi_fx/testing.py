@@ -20,6 +20,7 @@ from torch import nn
 from lbi_fx.analysis import precision_notes
 from lbi_fx.checks import default_loss  # public here too: the harness API
 from lbi_fx.errors import LBIError
+from lbi_fx.outputs import Selector, select_output
 
 # (rtol, cosine) that a report holds itself to by default, keyed by the least precise dtype
 # among the gradients and the forward's floating outputs (autocast shows there). Measured
@@ -391,28 +392,17 @@ def assert_separated(model: nn.Module, regions=None, *, example_inputs, rank=Non
         raise AssertionError(f"expected failing boundaries {sorted(failing)}, got {bad}\n{report}")
 
 
-def _logits(out) -> torch.Tensor:
-    """The per-position scores of a model's output: a tensor, ``.logits`` (Hugging Face),
-    or the first element of a tuple."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise LBIError(f"cannot find per-position scores in a {type(out).__name__} output; return "
-                   "a (B, L, V) tensor, a tuple starting with one, or an object with .logits")
-
-
 @torch.no_grad()
 def prefix_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-                ) -> float:
+                loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                *, logits: Selector = None) -> float:
     """Leak-free loss: position t is scored from a forward over ``x[:, :t+1]`` alone, so
     nothing after t can reach its prediction - whatever the model (an interface that
     pools the whole sequence included). Mean over positions and batch; L forwards.
 
-    ``loss_fn(scores (B, V), targets (B,))`` defaults to cross-entropy.
+    ``loss_fn(scores (B, V), targets (B,))`` defaults to cross-entropy. ``logits=`` picks
+    the scores from the model's output (a tensor, ``ModelOutput``, dict or tuple:
+    :func:`lbi_fx.outputs.select_output`).
     """
     loss_fn = loss_fn or torch.nn.functional.cross_entropy
     if x.dim() < 2 or y.shape[:2] != x.shape[:2]:
@@ -420,7 +410,7 @@ def prefix_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                        f"got {tuple(x.shape)} and {tuple(y.shape)}")
     total = 0.0
     for t in range(x.shape[1]):
-        scores = _logits(model(x[:, : t + 1]))[:, t]
+        scores = select_output(model(x[:, : t + 1]), logits, who="prefix_loss")[:, t]
         total += float(loss_fn(scores, y[:, t]))
     return total / x.shape[1]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -184,29 +184,57 @@ def is_hf_pretrained(model: nn.Module) -> bool:
                for c in type(model).__mro__)
 
 
+def _configs(model: nn.Module) -> dict[str, object]:
+    """Every distinct ``config`` object of ``model`` and its submodules, by the path of its
+    first holder: an encoder-decoder (T5) gives its encoder and decoder stacks copies of
+    the top-level config, and the decoder's copy is what decides whether it builds a cache
+    (``model.config.use_cache = False`` set by hand leaves that copy on)."""
+    seen: dict[int, tuple[str, object]] = {}
+    for path, m in model.named_modules():
+        config = getattr(m, "config", None)
+        if config is not None and hasattr(config, "use_cache"):
+            seen.setdefault(id(config), (f"{path}.config" if path else "config", config))
+    return dict(seen.values())
+
+
 @contextlib.contextmanager
 def _cache_off(model: nn.Module):
-    """``config.use_cache = False`` for the duration of a capture, then the user's value."""
-    config = getattr(model, "config", None)
-    saved = getattr(config, "use_cache", None)
-    if config is not None and saved is not None:
+    """``use_cache = False`` in every config of the model (the top-level one and the copies
+    its stacks hold) for the duration of a capture, then each one's own value again."""
+    saved = [(c, c.use_cache) for c in _configs(model).values()]
+    for config, _ in saved:
         config.use_cache = False
     try:
         yield
     finally:
-        if config is not None and saved is not None:
-            config.use_cache = saved
+        for config, value in saved:
+            config.use_cache = value
 
 
-def uses_kv_cache(model: nn.Module, example_inputs: Sequence[object]) -> bool:
-    """Would ``model`` keep a KV cache (or SSM state cache) as configured? ``use_cache`` on
+CACHE_KEYS = ("cache", "past_key_values", "cache_params")
+
+
+def holds_cache(out: object) -> bool:
+    """Does a model's output carry a KV / state cache? Read from the output's own keys
+    (a ``ModelOutput`` is a dict of its non-None fields), never through the attributes
+    transformers 5.x keeps for old names, which log a deprecation when read."""
+    if isinstance(out, Mapping):
+        return any(k in CACHE_KEYS and v is not None for k, v in out.items())
+    fields = getattr(out, "__dataclass_fields__", {})
+    return any(k in fields and getattr(out, k, None) is not None for k in CACHE_KEYS)
+
+
+def uses_kv_cache(model: nn.Module, example_inputs: Sequence[object]) -> str | None:
+    """Would ``model`` keep a KV cache (or SSM state cache) as configured? The path of the
+    config that turns it on (``"config"``, ``"decoder.config"``), or None. ``use_cache`` on
     says little alone: BERT's config has it on and never caches. A model that can generate
     is run once in eval mode (no grad, RNG untouched), and a cache in its output decides."""
-    if not getattr(getattr(model, "config", None), "use_cache", False):
-        return False
+    on = [path for path, c in _configs(model).items() if getattr(c, "use_cache", False)]
+    if not on:
+        return None
     can_generate = getattr(model, "can_generate", None)
     if callable(can_generate) and not can_generate():
-        return False
+        return None
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
@@ -214,11 +242,11 @@ def uses_kv_cache(model: nn.Module, example_inputs: Sequence[object]) -> bool:
             warnings.simplefilter("ignore")
             out = model(*example_inputs)
     except Exception:  # noqa: BLE001 - cannot tell: say so rather than stay silent
-        return True
+        return on[0]
     finally:
         for m, mode in modes:
             m.training = mode
-    return any(getattr(out, key, None) is not None for key in ("past_key_values", "cache_params"))
+    return on[0] if holds_cache(out) else None
 
 
 def hf_capture(model: nn.Module, example_inputs: Sequence[object] | None,
@@ -226,7 +254,8 @@ def hf_capture(model: nn.Module, example_inputs: Sequence[object] | None,
     """Capture a Hugging Face model as it comes: torch.export with the KV cache off.
 
     HF forwards do not symbolically trace, and with ``use_cache`` on they return a
-    ``DynamicCache`` that export cannot flatten; an LBI model recomputes whole sequences
+    ``DynamicCache`` (``EncoderDecoderCache``) that export cannot flatten, so it is turned
+    off in every config the model holds (T5's decoder stack keeps its own copy); an LBI model recomputes whole sequences
     anyway, so the cache has no use there. The output type (``CausalLMOutput...``) stays.
     A model that really caches is told so with one ``CaptureWarning`` (``announce``).
     """
@@ -234,10 +263,10 @@ def hf_capture(model: nn.Module, example_inputs: Sequence[object] | None,
     if example_inputs is None:
         raise TraceError(f"{name} is a Hugging Face model, which lbi-fx captures with "
                          "torch.export: pass example_inputs=(input_ids,)")
-    if announce and uses_kv_cache(model, example_inputs):
+    if announce and (on := uses_kv_cache(model, example_inputs)):
         from lbi_fx.choices import _caller_level
 
-        warnings.warn(f"lbi-fx: {name} keeps a KV cache (config.use_cache=True): capturing it "
+        warnings.warn(f"lbi-fx: {name} keeps a KV cache ({on}.use_cache=True): capturing it "
                       "with torch.export and use_cache=False, since an LBI model recomputes "
                       "whole sequences (filter lbi_fx.CaptureWarning to silence this)",
                       CaptureWarning, stacklevel=_caller_level())

@@ -18,6 +18,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 what=${1:-test}
 shift || true
+# One intra-op thread unless the caller says otherwise: the models are tiny, and on a loaded
+# machine every extra thread waits for a core (the stated times were 10-20x off with the
+# default of one thread per core). Subprocesses of the suite inherit it.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-${OMP_NUM_THREADS:-1}}"
 case "$what" in
   demo) exec .venv/bin/python examples/demo.py "$@" ;;
   test) exec .venv/bin/python -m pytest -q "$@" ;;

@@ -1,10 +1,18 @@
 """Shared pytest set-up: hypothesis profiles must exist before ``--hypothesis-profile``
 is read, which happens before test modules are imported."""
 
+import os
+
 import pytest
 import torch
 
 import tests.fuzz_models  # noqa: F401  (registers the "ci" and "long" profiles)
+
+# The suite runs on pinned threads (OMP_NUM_THREADS, default 1; scripts/run.sh sets it too),
+# in this process and every subprocess it starts, so its stated time holds on a loaded
+# machine: the models are tiny, and a thread per core only waits for cores.
+THREADS = int(os.environ.setdefault("OMP_NUM_THREADS", "1"))
+torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="module")

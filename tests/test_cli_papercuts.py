@@ -280,7 +280,7 @@ def test_jacobian_forward_refusal_prints_its_message_only(capfd):
         rc = main(["inspect", *TINY, "--regions", "layers:1", "--rank", "4",
                    "--jacobian", "forward", "--show", "report"])
     out, err = capfd.readouterr()
-    assert rc == 2 and err.startswith("lbi-fx: error: RewriteError: region 0 (jacobian='forward')")
+    assert rc == 3 and err.startswith("lbi-fx: error: RewriteError: region 0 (jacobian='forward')")
     assert err.count("\n") == 1 and "Traceback" not in err and "FX-traced" not in err, err
     model, (idx,) = lbi_fx.models.gpt(n_layer=2, n_embd=16, seq=8)
     with warnings.catch_warnings(), pytest.raises(lbi_fx.RewriteError, match="jacobian='forward'"):

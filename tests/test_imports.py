@@ -167,14 +167,18 @@ def test_example_scripts_import_what_the_package_has():
 # The package root (a facade that re-exports ``stage_partition``) and ``__main__`` sit
 # outside the layers.
 LAYERS = {
+    # what every layer may raise or read: the error classes, and which tensor of a model's
+    # output holds the logits (the zoo's training loop and the compiler's harness share it)
+    "base": ("lbi_fx.errors", "lbi_fx.outputs"),
     "zoo": ("lbi_fx.models",),
     "compiler": ("lbi_fx.passes", "lbi_fx.kernels", "lbi_fx.module"),  # + top-level modules
     "systems": ("lbi_fx.spl", "lbi_fx.pgf", "lbi_fx.distributed", "lbi_fx.checkpoint",
                 "lbi_fx.pipelining"),
     "tools": ("lbi_fx.cli", "lbi_fx.bench", "lbi_fx.plan"),
 }
-MAY_IMPORT = {"zoo": set(), "compiler": set(), "systems": {"compiler", "zoo"},
-              "tools": {"compiler", "zoo", "systems"}}
+MAY_IMPORT = {"base": set(), "zoo": {"base"}, "compiler": {"base"},
+              "systems": {"base", "compiler", "zoo"},
+              "tools": {"base", "compiler", "zoo", "systems"}}
 
 
 def layer_of(name: str) -> str | None:
@@ -191,6 +195,7 @@ def test_layer_of_places_modules():
     assert layer_of("lbi_fx.distributed.checkpoint") == layer_of("lbi_fx.spl") == "systems"
     assert layer_of("lbi_fx.models.data") == "zoo" and layer_of("lbi_fx.cli.quality") == "tools"
     assert layer_of("lbi_fx") is None
+    assert layer_of("lbi_fx.errors") == layer_of("lbi_fx.outputs") == "base"
 
 
 def test_no_layer_imports_what_it_may_not():

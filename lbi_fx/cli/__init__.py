@@ -1,8 +1,9 @@
 """lbi-fx command line; lbi-fx COMMAND --help lists the flags of each command.
 
-Exit codes: 0 every boundary holds (or no budget was given: min cuts only), 1 a boundary
-fails, 2 usage or spec error, 3 any other failure (each error is one line on stderr, no
-traceback; LBI_FX_TRACEBACK=1 re-raises).
+Exit codes (:data:`lbi_fx.cli.exits.EXIT_CODES`): 0 success, 1 a check failed (a boundary
+wider than the budget), 2 usage or spec error, 3 the model is refused or the run failed,
+4 a bug in lbi-fx (``InternalError``). Each error is one line on stderr, no traceback
+(LBI_FX_TRACEBACK=1 re-raises); each warning one line naming the factory and region spec.
 
 Every sub-command is a module with ``add_arguments(parser)`` and ``run(args) -> int``
 (the contract of :mod:`lbi_fx.bench`); :data:`COMMANDS` lists them, and a module is
@@ -19,10 +20,10 @@ from collections.abc import Sequence
 from lbi_fx import __version__
 from lbi_fx.cli.bench import add_bench_parsers, selected_bench
 from lbi_fx.cli.common import Parser, add_command_parser, load_factory
+from lbi_fx.cli.exits import EXIT_CODES, attributed_warnings, report_error, subject_of
 from lbi_fx.cli.factory import UsageError
-from lbi_fx.errors import LBIError
 
-__all__ = ["COMMANDS", "UsageError", "build_parser", "load_factory", "main"]
+__all__ = ["COMMANDS", "EXIT_CODES", "UsageError", "build_parser", "load_factory", "main"]
 
 # command -> (module with add_arguments / run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -57,26 +58,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     hush = (contextlib.nullcontext() if os.environ.get("LBI_FX_TRACEBACK")
             else without_fx_dumps())  # an error is its one-line message, no FX dump first
-    try:
-        with hush:
-            args = build_parser(argv).parse_args(argv)
-            return args.run(args)
-    except LBIError as exc:
-        msg = " ".join(str(exc).split("\n")[0].split())
-        print(f"lbi-fx: error: {type(exc).__name__}: {msg}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:  # argparse: usage errors exit 2 already
-        if isinstance(exc.code, str):  # sys.exit("message"): a one-line usage error
-            print(" ".join(exc.code.split()), file=sys.stderr)
-            return 2
-        return int(exc.code or 0)
-    except Exception as exc:  # noqa: BLE001 - a CLI reports, it does not dump a traceback
-        if os.environ.get("LBI_FX_TRACEBACK"):
-            raise
-        msg = " ".join(str(exc).split("\n")[0].split())
-        print(f"lbi-fx: error: {type(exc).__name__}: {msg} (LBI_FX_TRACEBACK=1 shows where)",
-              file=sys.stderr)
-        return 3
+    subject: list[str] = []  # what warnings are about, once the flags are parsed
+    with attributed_warnings(subject):
+        try:
+            with hush:
+                args = build_parser(argv).parse_args(argv)
+                subject += subject_of(args)
+                return args.run(args)
+        except SystemExit as exc:  # argparse: usage errors exit 2 already
+            if isinstance(exc.code, str):  # sys.exit("message"): a one-line usage error
+                print(" ".join(exc.code.split()), file=sys.stderr)
+                return 2
+            return int(exc.code or 0)
+        except Exception as exc:  # noqa: BLE001 - a CLI reports, it does not dump a traceback
+            return report_error(exc)
 
 
 if __name__ == "__main__":  # pragma: no cover

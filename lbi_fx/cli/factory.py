@@ -89,18 +89,27 @@ def load_factory(spec: str, kwargs: dict[str, object] | None = None):
 
 def training_loss(out, inputs: Sequence[object], generator=None) -> Callable[[object], object]:
     """A loss for timing or checking any factory's model: cross-entropy on random targets
-    when ``out`` looks like LM logits (B, T, V) over integer ids (B, T), else
-    ``lbi_fx.checks.default_loss`` (a fixed random projection of every floating output)."""
+    when ``out`` (or its ``logits``: a ``ModelOutput``, dict or tuple, as
+    :func:`lbi_fx.outputs.select_output` reads it) looks like LM logits (B, T, V) over
+    integer ids (B, T), else ``lbi_fx.checks.default_loss`` (a fixed random projection of
+    every floating output)."""
     import torch
     import torch.nn.functional as F
 
     from lbi_fx.checks import default_loss
+    from lbi_fx.errors import InputError
+    from lbi_fx.outputs import select_output
 
+    try:
+        scores = select_output(out)
+    except InputError:
+        return default_loss
     ids = inputs[0] if inputs else None
-    if (isinstance(out, torch.Tensor) and out.dim() == 3 and out.dtype.is_floating_point
+    if (scores.dim() == 3 and scores.dtype.is_floating_point
             and isinstance(ids, torch.Tensor) and not ids.dtype.is_floating_point
-            and tuple(ids.shape) == tuple(out.shape[:2])):
-        targets = torch.randint(0, out.shape[-1], tuple(ids.shape), generator=generator)
-        targets = targets.to(out.device)
-        return lambda logits: F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            and tuple(ids.shape) == tuple(scores.shape[:2])):
+        targets = torch.randint(0, scores.shape[-1], tuple(ids.shape), generator=generator)
+        targets = targets.to(scores.device)
+        return lambda o: F.cross_entropy(select_output(o).flatten(0, 1).float(),
+                                         targets.flatten())
     return default_loss

@@ -1,7 +1,11 @@
 """Minimal, model-agnostic language-model training loop for the lbi-fx demo.
 
 Works with anything that maps ``idx (B, T) int64 -> logits (B, T, V)``: the eager GPT of
-:mod:`lbi_fx.models.transformer` and the LBI-rewritten module produced by lbi-fx alike. Batches
+:mod:`lbi_fx.models.transformer` and the LBI-rewritten module produced by lbi-fx alike,
+or a model whose output holds the logits (a Hugging Face ``ModelOutput``, a dict, a
+tuple): ``logits=`` picks them (a key or attribute name, an index or a callable; default
+the output itself, its ``logits``, or a tuple's first element, as
+:func:`lbi_fx.outputs.select_output` reads them). Batches
 come from a generator seeded by ``seed``, so two models trained with the same seed see the
 exact same byte windows in the same order; that is what makes ``train_side_by_side`` a
 fair comparison. Validation always uses the same fixed val batches, for the same reason.
@@ -19,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lbi_fx.models.data import ByteCorpus
+from lbi_fx.outputs import Selector, select_output
 
 
 @dataclass
@@ -44,10 +49,12 @@ def _device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-byte cross-entropy of ``model(x)`` against targets ``y``."""
-    logits = model(x)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+            logits: Selector = None) -> torch.Tensor:
+    """Mean next-byte cross-entropy of ``model(x)``'s logits (``logits=`` picks them from a
+    ``ModelOutput``, dict or tuple) against targets ``y``."""
+    scores = select_output(model(x), logits, who="lm_loss")
+    return F.cross_entropy(scores.reshape(-1, scores.size(-1)), y.reshape(-1))
 
 
 @torch.no_grad()
@@ -59,8 +66,10 @@ def evaluate(
     seq_len: int = 64,
     eval_batches: int = 4,
     seed: int = 0,
+    logits: Selector = None,
 ) -> float:
-    """Mean val loss over ``eval_batches`` fixed batches; restores the model's train mode."""
+    """Mean val loss over ``eval_batches`` fixed batches; restores the model's train mode.
+    ``logits=`` picks the logits from the model's output (:func:`lm_loss`)."""
     was_training = model.training
     model.eval()
     device = _device_of(model)
@@ -68,7 +77,7 @@ def evaluate(
     losses = []
     for _ in range(eval_batches):
         x, y = corpus.get_batch("val", batch_size, seq_len, g)
-        losses.append(lm_loss(model, x.to(device), y.to(device)).item())
+        losses.append(lm_loss(model, x.to(device), y.to(device), logits=logits).item())
     model.train(was_training)
     return sum(losses) / len(losses)
 
@@ -89,8 +98,12 @@ def train_lm(
     eval_batches: int = 4,
     seed: int = 0,
     log: Callable[[str], object] | None = print,
+    logits: Selector = None,
 ) -> list[dict]:
     """Train with AdamW until ``steps`` or ``seconds`` (of training time) runs out.
+
+    ``logits=`` picks the logits from a model whose output is not the logits tensor itself
+    (a Hugging Face ``ModelOutput`` works with the default: its ``logits``).
 
     LR is constant after an optional linear ``warmup`` (a cosine needs a known horizon,
     which a wall-clock budget does not give). Returns one dict per step with ``step``,
@@ -116,7 +129,7 @@ def train_lm(
         for group in opt.param_groups:
             group["lr"] = step_lr
         x, y = corpus.get_batch("train", batch_size, seq_len, g)
-        loss = lm_loss(model, x.to(device), y.to(device))
+        loss = lm_loss(model, x.to(device), y.to(device), logits=logits)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip and grad_clip > 0:
@@ -142,6 +155,7 @@ def train_lm(
                 seq_len=seq_len,
                 eval_batches=eval_batches,
                 seed=seed,
+                logits=logits,
             )
             window = []
             if log is not None:
@@ -190,11 +204,14 @@ def train_side_by_side(
     seconds_each: float | None = None,
     seed: int = 0,
     log: Callable[[str], object] | None = print,
+    logits: Selector | dict[str, Selector] = None,
     **train_kwargs,
 ) -> dict[str, list[dict]]:
     """Train each model in turn on the same batch sequence, then print one loss table.
 
     ``train_kwargs`` go to :func:`train_lm` (batch_size, seq_len, lr, eval_every, ...).
+    ``logits=`` picks each model's logits from its output (one selector for all, or a
+    dict by model name: a plain model beside the Hugging Face one it was rewritten from).
     The global torch seed is reset before each model so dropout masks match as well.
     """
     histories: dict[str, list[dict]] = {}
@@ -207,6 +224,7 @@ def train_side_by_side(
             seconds=seconds_each,
             seed=seed,
             log=None,
+            logits=logits.get(name) if isinstance(logits, dict) else logits,
             **train_kwargs,
         )
         if log is not None:
