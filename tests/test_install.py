@@ -35,6 +35,7 @@ FAILURES: dict[str, list[str]] = {
     "bench comm": ["bench", "comm", "--k", "2", "--world", "3"],
     "bench pgf": ["bench", "pgf", "--lengths", "x"],
     "bench crossover": ["bench", "crossover", "--microbatches", "x"],
+    "bench memory": ["bench", "memory", "--ranks", "x"],
 }
 # The quickest successful run of each sub-command, and its exit status.
 QUICK: dict[str, tuple[list[str], int]] = {
@@ -58,6 +59,9 @@ QUICK: dict[str, tuple[list[str], int]] = {
                          "--region-size", "1", "--width", "16", "--heads", "2", "--seq", "8",
                          "--batch", "2", "--steps", "2", "--warmup", "1", "--microbatches", "1",
                          "--no-progress", "--json"], 0),
+    "bench memory": (["bench", "memory", "--width", "32", "--heads", "2", "--layers", "2",
+                      "--seq", "8", "--ranks", "2", "--steps", "1", "--schedules", "none",
+                      "--json"], 0),
 }
 
 # Runs inside the installed package: lists the sub-commands, then calls the CLI's main()
