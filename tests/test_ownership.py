@@ -339,3 +339,33 @@ def test_checkpoint_fills_a_meta_built_share(tmp_path):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert r["same"] and r["equal"], (rank, r)
         assert r["adam"] >= 2 * r["n"], (rank, r)  # exp_avg, exp_avg_sq (and step) restored
+
+
+def test_a_meta_model_with_float_inputs_transforms_on_fake_tensors():
+    """Real float inputs meet meta weights in the first Linear: only fake tensors run it."""
+    import lbi_fx
+    from torch import nn
+
+    class Blk(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 6)
+
+        def forward(self, x):
+            return torch.tanh(self.lin(x))
+
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(Blk() for _ in range(3))
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return x
+
+    with torch.device("meta"):
+        model = Chain()
+    lbi = lbi_fx.transform(model, [["blocks.0"], ["blocks.1"], ["blocks.2"]], rank=3,
+                           example_inputs=(torch.randn(2, 6),))
+    assert {t.device.type for t in lbi.parameters()} == {"meta"}

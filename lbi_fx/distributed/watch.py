@@ -108,6 +108,11 @@ class Watch:
         while not done.wait(self.POLL_S):
             rec = self.failure()
             if rec is not None:
+                # a peer that raised right after a collective both finished (a refusal every
+                # rank makes alike, e.g. unequal dp shards) must not pre-empt this rank's own
+                # outcome: the op finishing within one more poll carries on here
+                if done.wait(4 * self.POLL_S):
+                    return
                 self.raise_failure(rec, op)
             if time.monotonic() - t0 > self.timeout:
                 self._timeout(op, peers)
