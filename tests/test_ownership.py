@@ -343,8 +343,9 @@ def test_checkpoint_fills_a_meta_built_share(tmp_path):
 
 def test_a_meta_model_with_float_inputs_transforms_on_fake_tensors():
     """Real float inputs meet meta weights in the first Linear: only fake tensors run it."""
-    import lbi_fx
     from torch import nn
+
+    import lbi_fx
 
     class Blk(nn.Module):
         def __init__(self):
