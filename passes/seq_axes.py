@@ -135,6 +135,9 @@ def _follow(node: fx.Node, user: fx.Node, axes: list, gm: fx.GraphModule) -> lis
         if len(dims) != dim or None in dims:
             return None
         return [axes[d] for d in dims]
+    if name in ("view", "reshape", "_unsafe_view", "expand") and out is not None \
+            and _shape(node) == tuple(out):
+        return list(axes)  # a reshape to its own shape (HF: ids.view(-1, L) at batch size B)
     if name == "unsqueeze" and len(args) >= 2:
         at = _arg_axis(args[1], dim + 1)
         return None if at is None else [*axes[:at], None, *axes[at:]]

@@ -79,3 +79,23 @@ def test_hf_model_without_example_inputs_says_what_to_pass():
     model, _ = _gpt2()
     with pytest.raises(lbi_fx.TraceError, match=r"GPT2LMHeadModel.*example_inputs="):
         capture(model)
+
+
+def test_gpt2_as_it_comes_gets_causal_interfaces_without_a_causality_warning():
+    """The ids reach the embedding through ``view(-1, L)`` (a reshape to their own shape in
+    the exported graph): the sequence axis is still derived, so pool='auto' picks causal."""
+    import warnings
+
+    import transformers
+
+    import lbi_fx
+
+    config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=4,
+                                     n_head=4)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lbi = lbi_fx.transform(transformers.GPT2LMHeadModel(config), lbi_fx.every(2, "transformer.h"),
+                               rank=16, example_inputs=(ids,))
+    assert lbi.pool == "causal"
+    assert not [w for w in caught if issubclass(w.category, lbi_fx.CausalityWarning)]
