@@ -173,7 +173,9 @@ class RegionParallel:
     not ``lbi.parameters()``. A model built on the meta device stays there until
     :meth:`to_empty` allocates this rank's share; :meth:`init_weights` (or
     ``lbi_fx.checkpoint.load``) fills it. Tensors several ranks hold are broadcast from
-    their first holder before the first step, so ranks agree. Each dp replica is fed its own shard of the batch (the caller passes the
+    their first holder before the first step, so ranks agree.
+
+    Each dp replica is fed its own shard of the batch (the caller passes the
     local shard, as with DDP; :func:`shard_batch` cuts one from a global batch). After
     :meth:`step` each rank's ``.grad`` holds the gradient of the mean loss over the
     global batch for the parameters it uses (:attr:`used`), added to what it held before
