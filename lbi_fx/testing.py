@@ -367,7 +367,6 @@ def _oracle(tensors, names, ref, got, g64) -> list[TensorParity]:
     by_name = {n: (a, b) for n, a, b in zip(names, ref, got)}
     ref_norms = {t.name: float(g64[t.name].norm()) for t in tensors if t.name in g64}
     total = math.sqrt(sum(v * v for v in ref_norms.values()))
-    numel = sum(t.numel for t in tensors) or 1
     out = []
     for t in tensors:
         r = g64.get(t.name)
