@@ -269,3 +269,22 @@ def backward_states(lbi, *inputs) -> list:
         runtime.region_jacobian = real
         lbi._compiled = None
     return seen
+
+
+# channels-first signal blocks (test_decoder_axes, test_causality_trust, test_sequence_axes)
+class CausalConv(nn.Module):
+    """(B, D, L) -> (B, D, L): a left-padded conv and a per-channel mix, residual."""
+
+    def __init__(self, d: int, k: int = 3):
+        super().__init__()
+        self.k = k
+        self.conv = nn.Conv1d(d, d, k)
+        self.mix = nn.Conv1d(d, d, 1)
+
+    def forward(self, x):
+        return x + self.mix(torch.tanh(self.conv(F.pad(x, (self.k - 1, 0)))))
+
+
+class ToChannelsFirst(CausalConv):
+    def forward(self, x):
+        return super().forward(x.transpose(1, 2))

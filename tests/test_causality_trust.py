@@ -16,6 +16,7 @@ import lbi_fx
 from lbi_fx.causality import causal_leak, probe_causal
 from lbi_fx.models.transformer import build
 from lbi_fx.testing import gradient_parity
+from tests.models import CausalConv, ToChannelsFirst
 
 
 def _caught(fn):
@@ -29,22 +30,6 @@ def _ids(batch=2, seq=16, vocab=32, seed=0):
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-class CausalConv(nn.Module):
-    """(B, D, L) -> (B, D, L): a left-padded conv and a per-channel mix, residual."""
-
-    def __init__(self, d: int, k: int = 3):
-        super().__init__()
-        self.k = k
-        self.conv = nn.Conv1d(d, d, k)
-        self.mix = nn.Conv1d(d, d, 1)
-
-    def forward(self, x):
-        return x + self.mix(torch.tanh(self.conv(F.pad(x, (self.k - 1, 0)))))
-
-
-class ToChannelsFirst(CausalConv):
-    def forward(self, x):
-        return super().forward(x.transpose(1, 2))
 
 
 class ChannelsFirstLM(nn.Module):

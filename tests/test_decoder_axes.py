@@ -5,7 +5,6 @@ point, and the built-model causality probe runs with non-zero interface weights 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import lbi_fx
@@ -13,24 +12,7 @@ from lbi_fx import interfaces
 from lbi_fx.causality import causal_leak
 from lbi_fx.models.transformer import build
 from lbi_fx.testing import gradient_parity
-
-
-class CausalConv(nn.Module):
-    """(B, D, L) -> (B, D, L): a left-padded conv and a per-channel mix, residual."""
-
-    def __init__(self, d: int, k: int = 3):
-        super().__init__()
-        self.k = k
-        self.conv = nn.Conv1d(d, d, k)
-        self.mix = nn.Conv1d(d, d, 1)
-
-    def forward(self, x):
-        return x + self.mix(torch.tanh(self.conv(F.pad(x, (self.k - 1, 0)))))
-
-
-class ToChannelsFirst(CausalConv):
-    def forward(self, x):
-        return super().forward(x.transpose(1, 2))
+from tests.models import CausalConv, ToChannelsFirst
 
 
 class MixedLM(nn.Module):

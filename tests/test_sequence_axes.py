@@ -8,12 +8,12 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import lbi_fx
 import lbi_fx.testing
 from lbi_fx.causality import causal_leak
+from tests.models import CausalConv
 
 
 def _caught(fn):
@@ -23,15 +23,6 @@ def _caught(fn):
     return out, [w for w in caught if issubclass(w.category, lbi_fx.CausalityWarning)]
 
 
-class CausalConv(nn.Module):
-    def __init__(self, d: int, k: int = 3):
-        super().__init__()
-        self.k = k
-        self.conv = nn.Conv1d(d, d, k)
-        self.mix = nn.Conv1d(d, d, 1)
-
-    def forward(self, x):
-        return x + self.mix(torch.tanh(self.conv(F.pad(x, (self.k - 1, 0)))))
 
 
 class Signal(nn.Module):
